@@ -1,0 +1,1 @@
+"""The ledger: canonical encoding, hashes, Merkle trees, keys, blocks and verification (no SQL, no gRPC)."""

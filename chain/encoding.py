@@ -1,0 +1,80 @@
+"""The one canonical byte encoding that is hashed or signed, and fixed-point helpers that keep floats out of it."""
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+ZERO_HASH = "0" * 64
+
+
+class EncodingError(ValueError):
+    """A value cannot be put into the canonical encoding, or bytes are not in it."""
+
+
+def _check(value: Any, path: str) -> None:
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        return
+    if isinstance(value, float):
+        raise EncodingError(f"{path}: floats are not allowed in hashed data (got {value!r})")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check(item, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EncodingError(f"{path}: keys must be strings (got {key!r})")
+            _check(item, f"{path}.{key}")
+        return
+    raise EncodingError(f"{path}: type {type(value).__name__} is not allowed in hashed data")
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, ASCII only, no floats. The only bytes we hash or sign."""
+    _check(value, "$")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def parse_canonical(data: bytes) -> Any:
+    """Decode canonical JSON and insist it is in canonical form (re-encoding gives the same bytes)."""
+    try:
+        value = json.loads(data.decode("ascii"), parse_float=_reject_float)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EncodingError(f"not canonical JSON: {exc}") from exc
+    if canonical_bytes(value) != data:
+        raise EncodingError("bytes are valid JSON but not in canonical form")
+    return value
+
+
+def _reject_float(text: str) -> Any:
+    raise EncodingError(f"floats are not allowed in hashed data (got {text})")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def to_fixed(value: float, scale: int) -> int:
+    """A float as an integer count of 1/scale units, rounded half-even (basis points: scale 10_000)."""
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise EncodingError(f"cannot encode non-finite value {number!r}")
+    return int((Decimal(repr(number)) * scale).to_integral_value(ROUND_HALF_EVEN))
+
+
+def from_fixed(value: int, scale: int) -> float:
+    return value / scale
+
+
+def decimal_str(value: float) -> str:
+    """A float as its shortest round-tripping decimal string, for parameters such as the learning rate."""
+    return repr(float(value))
+
+
+def is_hex_digest(value: object, length: int = 64) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)

@@ -1,0 +1,1 @@
+"""Ledger storage: SQLAlchemy models, the engine factory, the SQL ledger store and its background writer."""

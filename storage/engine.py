@@ -1,0 +1,58 @@
+"""One engine factory for SQLite and MySQL/MariaDB URLs; backend differences live here."""
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+
+
+class StorageUnavailable(RuntimeError):
+    """The database URL is malformed or the server cannot be reached."""
+
+
+def is_mysql(url: str) -> bool:
+    return url.startswith(("mysql", "mariadb"))
+
+
+def make_engine(url: str, *, create_database: bool = True) -> Engine:
+    """Build the engine for ``url``; for MySQL, create the database when it is missing."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StorageUnavailable(f"bad database URL {url!r}: use sqlite:///PATH or "
+                                 "mysql+pymysql://user:pw@host:3306/db?charset=utf8mb4") from exc
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() not in ("mysql", "mariadb"):
+        raise StorageUnavailable(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or mysql+pymysql")
+    if create_database and parsed.database:
+        _ensure_mysql_database(parsed)
+    # pool_pre_ping: a server restart or idle timeout must not surface as an error on the next block.
+    return create_engine(parsed, pool_pre_ping=True, pool_recycle=3600)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")      # readers do not block the background writer
+    cursor.execute("PRAGMA synchronous=FULL")      # a committed block survives power loss
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _ensure_mysql_database(parsed) -> None:
+    name = parsed.database
+    if not name.replace("_", "").isalnum():
+        raise StorageUnavailable(f"database name {name!r} must be letters, digits and underscores")
+    server = create_engine(parsed.set(database=None), pool_pre_ping=True)
+    try:
+        with server.begin() as conn:
+            conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4"))
+    except OperationalError as exc:
+        raise StorageUnavailable(f"cannot reach MySQL at {parsed.host}:{parsed.port or 3306} "
+                                 f"({exc.orig}); check the --db URL and that the server is running") from exc
+    except SQLAlchemyError as exc:
+        raise StorageUnavailable(f"cannot prepare database {name!r}: {exc}") from exc
+    finally:
+        server.dispose()
