@@ -45,7 +45,8 @@ class Config:
     partition: str = "iid"             # iid | shards | dirichlet
     alpha: float = 0.5                  # Dirichlet concentration
     shards_per_client: int = 2
-    local_test_fraction: float = 0.2    # share of each client's data kept for personalised evaluation
+    local_test_fraction: float | None = None  # share of each client's data kept for personalised evaluation;
+                                        # None: 0.2 under fedper or eval_local, else 0 (FedAvg trains on all of it)
     eval_global: bool = True            # evaluate the global model each round (openEval)
     eval_local: bool = False            # evaluate every client's personalised model each round (local_OpenEval)
     seed: int = 0
@@ -180,7 +181,8 @@ def validate(cfg: Config) -> Config:
         ("lr", cfg.lr > 0, "greater than 0"),
         ("fraction", 0 < cfg.fraction <= 1, "in (0, 1]"),
         ("alpha", cfg.alpha > 0, "greater than 0"),
-        ("local_test_fraction", 0 <= cfg.local_test_fraction < 1, "in [0, 1)"),
+        ("local_test_fraction", cfg.local_test_fraction is None or 0 <= cfg.local_test_fraction < 1,
+         "in [0, 1)"),
         ("port", 0 <= cfg.port <= 65535, "a port number"),
         ("device", cfg.device in ("cpu", "cuda", "auto"), "cpu, cuda or auto"),
     ]
@@ -188,3 +190,10 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(f"setting {key!r} must be {expected}, got {getattr(cfg, key)!r}")
     return cfg
+
+
+def local_test_fraction(cfg: Config) -> float:
+    """The hold-out share actually used (see the field's comment)."""
+    if cfg.local_test_fraction is not None:
+        return cfg.local_test_fraction
+    return 0.2 if cfg.algo == "fedper" or cfg.eval_local else 0.0

@@ -39,6 +39,12 @@ class NodeKey:
         """A key derived from 32 bytes; for reproducible simulations and tests only."""
         return cls(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed).digest()))
 
+    def derive(self, label: str) -> "NodeKey":
+        """A child key fixed by this key and ``label`` (the simulator's clients get their keys this way)."""
+        raw = self.private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                         serialization.NoEncryption())
+        return NodeKey.from_seed(raw + b"/" + label.encode("utf-8"))
+
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> "NodeKey":
         """Load the PEM key at ``path``, creating it (mode 0600, parent 0700) when it does not exist."""

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from chain.checkpoint import Checkpoint, CheckpointError
 from chain.verify import VerificationError, verify_chain
@@ -55,7 +56,80 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"verify": (_verify_parser, cmd_verify)}
+def _add_fl_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override config.py settings; None means "not given", so file and environment still apply."""
+    p.add_argument("--config", help="TOML or JSON config file")
+    p.add_argument("--data-root", dest="data_root", help="this run's own directory (key, default database, outputs)")
+    p.add_argument("--db", help="ledger URL (default: SQLite file in --data-root)")
+    p.add_argument("--dataset", help="mnist | cifar (mnist without --data-dir: offline 5,000-image sample)")
+    p.add_argument("--data-dir", dest="data_dir", help="folder with the standard dataset files")
+    p.add_argument("--download", action="store_true", default=None, help="download the dataset (needs internet)")
+    p.add_argument("--model", help="auto | cnn | 2nn | cifar-cnn")
+    p.add_argument("--algo", help="fedavg | fedper")
+    p.add_argument("--clients", type=int, help="number of clients")
+    p.add_argument("--rounds", type=int, help="total number of rounds (a resumed run continues up to it)")
+    p.add_argument("--fraction", type=float, help="client fraction C per round")
+    p.add_argument("--partition", help="iid | shards | dirichlet")
+    p.add_argument("--alpha", type=float, help="Dirichlet concentration (> 0)")
+    p.add_argument("--shards-per-client", dest="shards_per_client", type=int)
+    p.add_argument("--local-test-fraction", dest="local_test_fraction", type=float,
+                   help="share of each client's data held out for personalised evaluation")
+    p.add_argument("--local-epochs", dest="local_epochs", type=int, help="local epochs E")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="local batch size B")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (0: all cores)")
+    p.add_argument("--device", help="cpu | cuda | auto")
+    p.add_argument("--reproducible", action="store_true", default=None,
+                   help="logical block timestamps, so the same seed gives the same block hashes")
+
+
+FL_KEYS = ("data_root", "db", "dataset", "data_dir", "download", "model", "algo", "clients", "rounds", "fraction",
+           "partition", "alpha", "shards_per_client", "local_test_fraction", "local_epochs", "batch_size", "lr", "momentum", "seed",
+           "threads", "device", "reproducible")
+
+
+def config_from(args: argparse.Namespace, keys: Sequence[str] = FL_KEYS):
+    from config import ConfigError, load_config
+    try:
+        return load_config(args.config, flags={k: getattr(args, k) for k in keys if hasattr(args, k)})
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="in-process federated run: N clients, every round a signed block")
+    _add_fl_flags(p)
+    p.add_argument("--out", help="folder for metrics.csv, metrics.json and plot.png (default DATA_ROOT/out)")
+    p.add_argument("--fresh", action="store_true", help="discard the ledger in --db and start a new chain")
+    p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fl.data import DataError
+    from fl.partition import PartitionError
+    from node.simulator import simulate
+    cfg = config_from(args)
+    out = args.out or str(Path(cfg.data_root) / "out")
+    try:
+        result = simulate(cfg, fresh=args.fresh, out_dir=out, progress=not args.no_progress)
+    except (DataError, PartitionError) as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"done: {result['rounds_run']} rounds in {result['wall_s']:.1f} s; final accuracy "
+          f"{_pct(result['final_accuracy'])}; head height {result['head_height']} hash {result['head_hash']}; "
+          f"metrics and plot in {out}")
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+COMMANDS = {"verify": (_verify_parser, cmd_verify), "simulate": (_simulate_parser, cmd_simulate)}
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    verbose = "-v" in argv or "--verbose" in argv
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
         parser = build_parser()
