@@ -61,7 +61,10 @@ class Config:
     port: int = 8080
     advertise: str | None = None        # HOST:PORT peers use to reach this node
     entry: str | None = None            # HOST:PORT of the entry super node
-    node_type: str = "SN"               # SN | EN
+    node_type: str = "SN"               # SN | EN (--nt)
+    is_entry: bool = False              # this SN is the entry: creates genesis, keeps the SN registry (-z)
+    partition_index: int = 0            # an EN's share: index i of partition_count
+    partition_count: int = 1
     heartbeat_s: float = 2.0            # interval between heartbeats
     dead_after_s: float = 10.0          # a member silent this long is dropped
     max_edges_per_sn: int = 64          # an SN refuses edge nodes beyond this
@@ -184,6 +187,8 @@ def validate(cfg: Config) -> Config:
         ("local_test_fraction", cfg.local_test_fraction is None or 0 <= cfg.local_test_fraction < 1,
          "in [0, 1)"),
         ("port", 0 <= cfg.port <= 65535, "a port number"),
+        ("partition_index", 0 <= cfg.partition_index < max(cfg.partition_count, 1),
+         "in 0..partition_count-1"),
         ("device", cfg.device in ("cpu", "cuda", "auto"), "cpu, cuda or auto"),
     ]
     for key, ok, expected in checks:

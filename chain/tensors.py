@@ -40,7 +40,8 @@ def dtype_name(array: np.ndarray) -> str:
 
 def _raw(array: np.ndarray) -> memoryview:
     little = np.ascontiguousarray(array, dtype=DTYPES[dtype_name(array)])
-    return memoryview(little).cast("B")
+    # A flat uint8 view, not memoryview.cast: cast refuses arrays with a zero-length dimension.
+    return memoryview(little.reshape(-1).view(np.uint8))
 
 
 def model_hash(weights: Weights) -> str:

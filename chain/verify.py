@@ -38,11 +38,13 @@ def _same(a: str, b: str) -> bool:
 
 
 def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: Checkpoint | None = None,
-                 authorities: Iterable[str] | None = None) -> VerifyReport:
+                 authorities: Iterable[str] | None = None, checkpoint_keys: Iterable[str] = ()) -> VerifyReport:
     """Raise VerificationError at the lowest failing height; return a report for an intact chain.
 
     Pass one checks headers, links, signatures and Merkle roots; pass two re-hashes stored weights.
     ``authorities`` are the public keys allowed to propose; by default the genesis proposer's.
+    A checkpoint must be signed by an authority, a co-signer, or one of ``checkpoint_keys`` (the verifying node's
+    own key: a node that only syncs signs its checkpoint itself).
     """
     allowed = set(authorities) if authorities is not None else None
     prev_hash, prev_model, expected_height = ZERO_HASH, None, 0
@@ -73,7 +75,7 @@ def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: 
                 break
             models += 1
     if failure is None and checkpoint is not None:
-        _check_checkpoint(checkpoint, blocks, allowed or set())
+        _check_checkpoint(checkpoint, blocks, (allowed or set()) | set(checkpoint_keys))
     if failure is not None:
         raise failure
     if not blocks:
@@ -163,11 +165,11 @@ def check_model(stored: StoredBlock) -> None:
         raise VerificationError(h, "model", "stored weights do not hash to the block's model_hash")
 
 
-def _check_checkpoint(checkpoint: Checkpoint, blocks: list[StoredBlock], allowed: set[str]) -> None:
+def _check_checkpoint(checkpoint: Checkpoint, blocks: list[StoredBlock], trusted: set[str]) -> None:
     head = blocks[-1].height if blocks else -1
     if not checkpoint.valid():
         raise VerificationError(checkpoint.height, "checkpoint", "checkpoint signature is invalid")
-    signers = allowed | {key for b in blocks for key, _ in b.cosignatures}
+    signers = trusted | {key for b in blocks for key, _ in b.cosignatures}
     if checkpoint.signer_key not in signers:
         raise VerificationError(checkpoint.height, "checkpoint", "checkpoint is signed by a node foreign to this chain")
     if checkpoint.height > head:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from chain.checkpoint import Checkpoint, CheckpointError
+from chain.keys import NodeKey
 from chain.verify import VerificationError, verify_chain
 from storage.engine import StorageUnavailable
 
@@ -28,6 +29,7 @@ def _verify_parser(sub) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from node.ledger import KEY_FILE
     from storage.store import LedgerStore
     checkpoint = None
     if args.checkpoint:
@@ -35,9 +37,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             checkpoint = Checkpoint.read(args.checkpoint)
         except CheckpointError as exc:
             raise UsageError(str(exc)) from exc
+    # The checkpoint's own node may sign it without being a proposer or co-signer: trust the key stored beside it.
+    own_keys = []
+    if args.checkpoint and (Path(args.checkpoint).parent / KEY_FILE).exists():
+        own_keys.append(NodeKey.load_or_create(Path(args.checkpoint).parent / KEY_FILE).public_hex)
     store = LedgerStore(args.db)
     try:
-        report = verify_chain(store, check_models=not args.skip_models, checkpoint=checkpoint)
+        report = verify_chain(store, check_models=not args.skip_models, checkpoint=checkpoint,
+                              checkpoint_keys=own_keys)
     except VerificationError as exc:
         if args.json:
             print(json.dumps({"ok": False, "height": exc.height, "check": exc.check, "detail": exc.detail}))
@@ -129,7 +136,67 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
-COMMANDS = {"verify": (_verify_parser, cmd_verify), "simulate": (_simulate_parser, cmd_simulate)}
+NODE_KEYS = FL_KEYS + ("ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
+                       "partition_count", "heartbeat_s", "dead_after_s", "max_edges_per_sn")
+
+
+def _node_parser(sub) -> None:
+    p = sub.add_parser("node", help="run a super node (SN) or edge node (EN); also `main.py --port P --nt SN ...`")
+    _add_node_flags(p)
+
+
+def _add_node_flags(p: argparse.ArgumentParser) -> None:
+    _add_fl_flags(p)
+    p.add_argument("--nt", dest="node_type", choices=("SN", "EN"), help="node type: SN (super) or EN (edge)")
+    p.add_argument("--port", type=int, help="port to serve on (0: any free port)")
+    p.add_argument("--ip", help="address to bind (default 127.0.0.1; 0.0.0.0 needs --advertise)")
+    p.add_argument("--advertise", help="HOST:PORT peers use to reach this node")
+    p.add_argument("--entry", help="HOST:PORT of the entry super node")
+    p.add_argument("-z", "--zero", dest="is_entry", action="store_true", default=None,
+                   help="this SN is the entry: it creates the genesis block and keeps the SN registry")
+    p.add_argument("--partition-index", dest="partition_index", type=int, help="EN: which share i of n")
+    p.add_argument("--partition-count", dest="partition_count", type=int, help="EN: into how many shares")
+    p.add_argument("--heartbeat", dest="heartbeat_s", type=float, help="seconds between heartbeats")
+    p.add_argument("--dead-after", dest="dead_after_s", type=float, help="drop members silent this long")
+    p.add_argument("--max-edges", dest="max_edges_per_sn", type=int, help="SN: edge nodes it accepts at most")
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from fl.data import DataError
+    from fl.partition import PartitionError
+    from node.launch import run_node
+    cfg = config_from(args, NODE_KEYS)
+    try:
+        return run_node(cfg)
+    except (DataError, PartitionError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _cluster_parser(sub) -> None:
+    p = sub.add_parser("cluster", help="start SNs and ENs as local processes, train, verify, shut down")
+    _add_fl_flags(p)
+    p.add_argument("--sn", type=int, default=2, help="number of super nodes (default 2)")
+    p.add_argument("--en", type=int, default=4, help="number of edge nodes (default 4)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from node.cluster import ClusterError, run_cluster
+    if args.sn < 1 or args.en < 1:
+        raise UsageError("a cluster needs at least one super node (--sn) and one edge node (--en)")
+    cfg = config_from(args)
+    try:
+        result = run_cluster(cfg, args.sn, args.en, args.rounds or cfg.rounds)
+    except ClusterError as exc:
+        print(f"cluster failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+COMMANDS = {"verify": (_verify_parser, cmd_verify), "simulate": (_simulate_parser, cmd_simulate),
+            "node": (_node_parser, cmd_node), "cluster": (_cluster_parser, cmd_cluster)}
 
 
 class Parser(argparse.ArgumentParser):
@@ -154,6 +221,8 @@ def run(argv: Sequence[str]) -> int:
                         stream=sys.stderr)
     try:
         parser = build_parser()
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            argv = ["node", *argv]    # the original project's form: main.py --port 8080 --nt SN --entry H:P -z
         args = parser.parse_args(list(argv))
         if args.command is None:
             parser.print_help()

@@ -154,4 +154,5 @@ class Ledger:
         self.flush()
         checkpoint = Checkpoint.read(self.checkpoint_path) if self.checkpoint_path and \
             self.checkpoint_path.exists() else None
-        return verify_chain(self.store, check_models=check_models, checkpoint=checkpoint)
+        return verify_chain(self.store, check_models=check_models, checkpoint=checkpoint,
+                            checkpoint_keys=[self.key.public_hex])

@@ -1,0 +1,227 @@
+"""`main.py cluster`: start SNs and ENs as local processes on loopback, train, check every chain, shut down."""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from node import transport
+from node.options import DEADLINES
+from proto import fledger_pb2_grpc
+from proto.fledger_pb2 import Empty as EmptyMsg
+from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
+
+log = logging.getLogger(__name__)
+
+READY_FILE = "node.json"        # a node writes {"address", "node_id", "type"} here once it serves
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ClusterError(RuntimeError):
+    """The cluster did not come up, train or agree; the message says which node and why."""
+
+
+def _die_with_parent() -> None:
+    """Linux: a node gets SIGTERM if the cluster process dies, even by SIGKILL, so none is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    data_root: Path
+    popen: subprocess.Popen
+    address: str | None = None
+    info: dict = field(default_factory=dict)
+
+    def wait_ready(self, deadline: float) -> str:
+        ready = self.data_root / READY_FILE
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise ClusterError(f"{self.name} exited with code {self.popen.returncode}; "
+                                   f"see {self.data_root / 'node.log'}:\n{_tail(self.data_root / 'node.log')}")
+            if ready.exists():
+                try:
+                    self.info = json.loads(ready.read_text())
+                    self.address = self.info["address"]
+                    return self.address
+                except (ValueError, KeyError):
+                    pass    # half-written: try again
+            time.sleep(0.1)
+        raise ClusterError(f"{self.name} did not start within the time limit; see {self.data_root / 'node.log'}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_node(name: str, data_root: Path, args: Sequence[str], env: dict[str, str] | None = None) -> NodeProcess:
+    """Start ``python main.py node ARGS`` with its own data root; output goes to DATA_ROOT/node.log."""
+    data_root.mkdir(parents=True, exist_ok=True)
+    (data_root / READY_FILE).unlink(missing_ok=True)
+    log_file = open(data_root / "node.log", "ab")
+    cmd = [sys.executable, str(ROOT / "main.py"), "node", "--data-root", str(data_root), *args]
+    popen = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env={**os.environ, **(env or {})}, start_new_session=True,
+                             preexec_fn=_die_with_parent)
+    log_file.close()
+    return NodeProcess(name, data_root, popen)
+
+
+def stop_all(nodes: Sequence[NodeProcess], grace: float = 10.0) -> None:
+    """SIGTERM every node, wait up to ``grace`` seconds, then SIGKILL what is left."""
+    for node in nodes:
+        if node.popen.poll() is None:
+            node.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for node in nodes:
+        try:
+            node.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", node.name, grace)
+            node.popen.kill()
+            node.popen.wait()
+
+
+def mysql_url_for(url: str, name: str) -> str:
+    """Each SN gets its own database on the server: append _NAME to the database in the URL."""
+    from sqlalchemy.engine import make_url
+    parsed = make_url(url)
+    return parsed.set(database=f"{parsed.database or 'fledger'}_{name}").render_as_string(hide_password=False)
+
+
+def wait_for_members(entry: str, supernodes: int, edges: int, timeout: float) -> None:
+    """Poll the entry until it lists ``supernodes`` SNs carrying ``edges`` ENs in total."""
+    deadline = time.monotonic() + timeout
+    seen = (0, 0)
+    while time.monotonic() < deadline:
+        try:
+            with transport.open_channel(entry) as channel:
+                listed = fledger_pb2_grpc.AdminStub(channel).ListNodes(EmptyMsg(), timeout=DEADLINES.query)
+            alive = [m for m in listed.members if m.alive]
+            seen = (len(alive), sum(m.load for m in alive))
+            if seen[0] >= supernodes and seen[1] >= edges:
+                return
+        except grpc.RpcError as exc:
+            log.debug("entry not ready: %s", transport.rpc_error_text(exc))
+        time.sleep(0.3)
+    raise ClusterError(f"after {timeout:.0f} s the entry lists {seen[0]} super nodes with {seen[1]} edge nodes; "
+                       f"expected {supernodes} and {edges}")
+
+
+def train(entry: str, rounds: int, emit: Callable[[str], None]) -> list:
+    """Ask the entry to train ``rounds`` more rounds, relaying its progress; return the progress messages."""
+    progress = []
+    with transport.open_channel(entry) as channel:
+        for msg in fledger_pb2_grpc.AdminStub(channel).Train(TrainRequestMsg(rounds=rounds),
+                                                             timeout=DEADLINES.train):
+            progress.append(msg)
+            emit(_progress_line(msg))
+    return progress
+
+
+def _progress_line(msg) -> str:
+    if msg.message and not msg.block_hash:
+        return msg.message
+    metrics = dict(msg.metrics)
+    acc = f"accuracy {metrics['accuracy']:.2%}  " if "accuracy" in metrics else ""
+    return (f"round {msg.round}  {acc}{msg.participants} trainers  {msg.failures} failed  "
+            f"block {msg.height} {msg.block_hash[:12]}" + (f"  ({msg.message})" if msg.message else ""))
+
+
+def check_chains(addresses: Sequence[str]) -> tuple[int, str]:
+    """Every SN verifies its own chain, and all heads must be equal; return (height, hash)."""
+    heads = {}
+    for address in addresses:
+        with transport.open_channel(address) as channel:
+            admin = fledger_pb2_grpc.AdminStub(channel)
+            verdict = admin.Verify(EmptyMsg(), timeout=DEADLINES.train)
+            if not verdict.ok:
+                raise ClusterError(f"the chain of {address} does not verify: {verdict.message}")
+            status = admin.Status(EmptyMsg(), timeout=DEADLINES.query)
+        heads[address] = (status.head.height, status.head.hash)
+    if len(set(heads.values())) != 1:
+        raise ClusterError("super nodes disagree on the head: " +
+                           ", ".join(f"{a} at {h} {x[:12]}" for a, (h, x) in heads.items()))
+    return next(iter(heads.values()))
+
+
+def _node_config_file(cfg, path: Path) -> Path:
+    """The run's FL settings, shared by every node through --config (node-specific ones go on the command line)."""
+    from dataclasses import asdict
+    from config import Config
+    skip = {"data_root", "db", "ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
+            "partition_count"}
+    defaults = asdict(Config())
+    values = {k: v for k, v in asdict(cfg).items() if k not in skip and v != defaults[k] and v is not None}
+    path.write_text(json.dumps(values, indent=2))
+    return path
+
+
+def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[str], None] = print,
+                start_timeout: float = 120.0) -> dict:
+    """Start the topology, train ``rounds`` rounds, check every chain and equal heads, stop everything."""
+    import shutil
+    from storage.store import LedgerStore
+    root = Path(cfg.data_root).resolve() / "cluster"
+    shutil.rmtree(root, ignore_errors=True)     # a cluster run starts from fresh chains
+    root.mkdir(parents=True)
+    if cfg.threads == 0:   # several trainers share the cores: one torch thread each avoids oversubscription
+        from dataclasses import replace
+        cfg = replace(cfg, threads=1)
+    conf = _node_config_file(cfg, root / "cluster.json")
+    nodes: list[NodeProcess] = []
+    started = time.perf_counter()
+    try:
+        sn_args = []
+        for i in range(supernodes):
+            args = ["--config", str(conf), "--nt", "SN", "--port", "0"]
+            if cfg.db:
+                url = mysql_url_for(cfg.db, f"sn{i}")
+                LedgerStore(url).reset()
+                args += ["--db", url]
+            sn_args.append(args)
+        entry_node = start_node("sn0", root / "sn0", [*sn_args[0], "-z"])
+        nodes.append(entry_node)
+        entry = entry_node.wait_ready(time.monotonic() + start_timeout)
+        emit(f"entry super node sn0 on {entry}")
+        for i in range(1, supernodes):
+            nodes.append(start_node(f"sn{i}", root / f"sn{i}", [*sn_args[i], "--entry", entry]))
+        for i in range(edges):
+            nodes.append(start_node(f"en{i}", root / f"en{i}",
+                                    ["--config", str(conf), "--nt", "EN", "--port", "0", "--entry", entry,
+                                     "--partition-index", str(i), "--partition-count", str(edges)]))
+        deadline = time.monotonic() + start_timeout
+        for node in nodes[1:]:
+            node.wait_ready(deadline)
+            emit(f"{node.name} on {node.address}")
+        wait_for_members(entry, supernodes, edges, start_timeout)
+        emit(f"{supernodes} super nodes and {edges} edge nodes registered; training {rounds} rounds")
+        progress = train(entry, rounds, emit)
+        height, head = check_chains([n.address for n in nodes if n.name.startswith("sn")])
+        emit(f"all {supernodes} chains verify; head height {height} hash {head}")
+        final = next((dict(p.metrics) for p in reversed(progress) if p.block_hash), {})
+        return {"supernodes": supernodes, "edges": edges, "rounds": rounds, "head_height": height,
+                "head_hash": head, "final_accuracy": final.get("accuracy"),
+                "wall_s": round(time.perf_counter() - started, 3), "root": str(root)}
+    except grpc.RpcError as exc:
+        raise ClusterError(transport.rpc_error_text(exc)) from exc
+    finally:
+        emit("stopping all nodes")
+        stop_all(nodes)
