@@ -1,0 +1,99 @@
+"""Strategies: which clients train each round, with what instructions, and which tensors they share (FedAvg, FedPer)."""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+import numpy as np
+from torch import nn
+
+from fl.models import split_keys
+from fl.participant import FitIns
+
+log = logging.getLogger(__name__)
+
+
+def client_seed(seed: int, round: int, client_index: int) -> int:
+    """A distinct, reproducible 32-bit shuffling seed for one client in one round of one run."""
+    return int(np.random.SeedSequence([seed, round, client_index]).generate_state(1, dtype=np.uint32)[0])
+
+
+def _decimal(value: float | int | str) -> str:
+    """A number as a plain decimal string (no exponent, no binary float noise): 0.05 -> "0.05"."""
+    if isinstance(value, float):
+        value = repr(value)
+    return format(Decimal(str(value)), "f")
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """McMahan et al. 2017: every selected client trains the whole model; the server averages all of it."""
+
+    lr: float = 0.05
+    local_epochs: int = 1
+    batch_size: int = 32
+    momentum: float = 0.0
+    fraction: float = 1.0  # C: share of clients selected each round
+    seed: int = 0
+    name = "fedavg"
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """State keys clients receive and return: all of them."""
+        return list(model.state_dict())
+
+    def select(self, round: int, participant_ids: Sequence[str], fraction: float | None = None,
+               seed: int | None = None) -> list[str]:
+        """max(1, floor(C*K)) clients drawn with an RNG seeded by (seed, round), kept in the given order; C=1 -> all."""
+        fraction = self.fraction if fraction is None else fraction
+        seed = self.seed if seed is None else seed
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if not participant_ids:
+            raise ValueError("no participants to select from")
+        ids = list(participant_ids)
+        if fraction >= 1.0:
+            return ids
+        m = max(1, math.floor(fraction * len(ids) + 1e-9))
+        chosen = np.random.default_rng([seed, round]).choice(len(ids), size=m, replace=False)
+        return [ids[i] for i in sorted(int(i) for i in chosen)]
+
+    def fit_ins(self, round: int, client_index: int) -> FitIns:
+        """Instructions for the ``client_index``-th participant (in participant order) of ``round``."""
+        return FitIns(round=round, epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                      momentum=self.momentum, seed=client_seed(self.seed, round, client_index))
+
+    def params(self) -> dict[str, str]:
+        """Hyperparameters as decimal strings, fit for canonical (float-free) JSON on the ledger."""
+        return {
+            "strategy": self.name,
+            "lr": _decimal(self.lr),
+            "local_epochs": _decimal(self.local_epochs),
+            "batch_size": _decimal(self.batch_size),
+            "momentum": _decimal(self.momentum),
+            "fraction": _decimal(self.fraction),
+            "seed": _decimal(self.seed),
+        }
+
+
+@dataclass(frozen=True)
+class FedPer(FedAvg):
+    """Arivazhagan et al. 2019: clients share the base layers and keep their personal (classifier) layers local."""
+
+    name = "fedper"
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """State keys clients receive and return: the base layers only."""
+        return split_keys(model)[0]
+
+
+STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedper": FedPer}
+
+
+def make_strategy(name: str, **hyper: float | int) -> FedAvg:
+    """A strategy by name with optional hyperparameters (lr, local_epochs, batch_size, momentum, fraction, seed)."""
+    if name.lower() not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name.lower()](**hyper)

@@ -1,0 +1,52 @@
+"""Convert between a torch model's state and the plain ``dict[str, numpy.ndarray]`` weights used at every fl interface."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Weights = dict[str, np.ndarray]
+
+
+def state_to_numpy(model: nn.Module, keys: Iterable[str] | None = None) -> Weights:
+    """Copy the model's state (or only ``keys``) into fresh C-contiguous numpy arrays with torch's dtypes."""
+    state = model.state_dict()
+    names = list(state) if keys is None else list(keys)
+    out: Weights = {}
+    for name in names:
+        if name not in state:
+            raise ValueError(f"model has no state entry {name!r}")
+        out[name] = np.array(state[name].detach().cpu().numpy(), order="C", copy=True)
+    return out
+
+
+def load_numpy(model: nn.Module, weights: Mapping[str, np.ndarray], strict_keys: bool = True) -> None:
+    """Copy ``weights`` into the model in place, checking every name, shape and dtype first.
+
+    With ``strict_keys`` the names must be exactly the model's state keys; without it ``weights`` may be a
+    subset (e.g. FedPer's base layers) but still may not name anything the model lacks.
+    """
+    state = model.state_dict()
+    unknown = sorted(set(weights) - set(state))
+    if unknown:
+        raise ValueError(f"weights name tensors the model does not have: {unknown[:5]}")
+    if strict_keys:
+        missing = sorted(set(state) - set(weights))
+        if missing:
+            raise ValueError(f"weights lack tensors the model needs: {missing[:5]}")
+    for name, array in weights.items():
+        target = state[name]
+        array = np.asarray(array)
+        if tuple(array.shape) != tuple(target.shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}, model expects {tuple(target.shape)}")
+        expected = torch.empty((), dtype=target.dtype).numpy().dtype
+        if array.dtype != expected:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, model expects {expected}")
+    with torch.no_grad():
+        for name, array in weights.items():
+            state[name].copy_(torch.from_numpy(np.array(array, order="C")))

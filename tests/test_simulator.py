@@ -1,0 +1,135 @@
+"""The in-process simulator: blocks per round, determinism, resume, FedPer state, both databases, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from chain.verify import verify_chain
+from config import Config
+from node.simulator import ResumeMismatch, simulate
+from storage.store import LedgerStore
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small, fast run: the 2NN on the offline MNIST sample, 4 clients.
+SMALL = Config(model="2nn", clients=4, rounds=2, batch_size=64, lr=0.05, seed=3, threads=1, reproducible=True)
+
+
+def run(cfg: Config, **kw) -> dict:
+    return simulate(cfg, progress=False, emit=lambda _line: None, **kw)
+
+
+def block_model_hashes(url: str) -> list[str]:
+    store = LedgerStore(url)
+    try:
+        return [store.get_block(h)[0].header.model_hash for h in range(store.count())]
+    finally:
+        store.close()
+
+
+def test_simulate_writes_one_verified_block_per_round_on_each_backend(backend, tmp_path):
+    result = run(replace(SMALL, data_root=str(tmp_path / "root"), db=backend), out_dir=str(tmp_path / "out"))
+
+    store = LedgerStore(backend)
+    report = verify_chain(store)
+    block, records = store.get_block(2)
+    store.close()
+    assert (report.head_height, report.head_hash) == (2, result["head_hash"])
+    assert len(records) == 4 and block.header.participants == 4
+    assert block.header.metrics["accuracy_bp"] == round(result["final_accuracy"] * 10_000)
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"metrics.csv", "metrics.json", "plot.png"}
+
+
+def test_same_seed_gives_same_model_hash_in_every_block(tmp_path):
+    first = tmp_path / "a.db"
+    second = tmp_path / "b.db"
+    run(replace(SMALL, data_root=str(tmp_path / "a"), db=f"sqlite:///{first}"))
+    run(replace(SMALL, data_root=str(tmp_path / "b"), db=f"sqlite:///{second}"))
+    run(replace(SMALL, data_root=str(tmp_path / "c"), db=f"sqlite:///{tmp_path / 'c.db'}", seed=4))
+
+    assert block_model_hashes(f"sqlite:///{first}") == block_model_hashes(f"sqlite:///{second}")
+    assert block_model_hashes(f"sqlite:///{first}")[1:] != block_model_hashes(f"sqlite:///{tmp_path / 'c.db'}")[1:]
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "fedper"])
+def test_resumed_run_ends_with_the_same_head_hash_as_an_uninterrupted_one(tmp_path, algo):
+    root = str(tmp_path / "keys")   # same node key for both runs, separate databases
+    whole = run(replace(SMALL, algo=algo, rounds=3, data_root=root, db=f"sqlite:///{tmp_path / 'whole.db'}"))
+    run(replace(SMALL, algo=algo, rounds=1, data_root=root, db=f"sqlite:///{tmp_path / 'part.db'}"))
+    resumed = run(replace(SMALL, algo=algo, rounds=3, data_root=root, db=f"sqlite:///{tmp_path / 'part.db'}"))
+
+    assert resumed["rounds_run"] == 2
+    assert resumed["head_hash"] == whole["head_hash"]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    cfg = replace(SMALL, rounds=1, data_root=str(tmp_path), db=f"sqlite:///{tmp_path / 'l.db'}")
+    run(cfg)
+    with pytest.raises(ResumeMismatch, match="lr"):
+        run(replace(cfg, lr=0.1, rounds=2))
+
+
+def test_fresh_starts_a_new_chain(tmp_path):
+    cfg = replace(SMALL, rounds=1, data_root=str(tmp_path), db=f"sqlite:///{tmp_path / 'l.db'}")
+    run(cfg)
+    result = run(replace(cfg, lr=0.1), fresh=True)
+    assert result["head_height"] == 1 and result["rounds_run"] == 1
+
+
+def test_fedper_beats_fedavg_on_personalised_accuracy_with_two_classes_per_client(tmp_path):
+    base = replace(SMALL, model="2nn", clients=5, rounds=3, partition="shards", shards_per_client=2,
+                   local_epochs=2, eval_local=True)
+    avg = run(replace(base, algo="fedavg", data_root=str(tmp_path / "avg")))
+    per = run(replace(base, algo="fedper", data_root=str(tmp_path / "per")))
+    store = LedgerStore(per["db"])
+    metrics = store.get_block(3)[0].header.metrics
+    store.close()
+    assert metrics["personal_accuracy_mean_bp"] == round(per["final_personal_accuracy_mean"] * 10_000)
+    avg_store = LedgerStore(avg["db"])
+    avg_metrics = avg_store.get_block(3)[0].header.metrics
+    avg_store.close()
+    assert metrics["personal_accuracy_mean_bp"] > avg_metrics["personal_accuracy_mean_bp"]
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dataset", "imagenet"], "dataset"),
+    (["--algo", "fedsgd"], "algo"),
+    (["--partition", "zipf"], "partition"),
+    (["--clients", "5000"], "clients"),
+    (["--partition", "dirichlet", "--alpha", "0"], "alpha"),
+    (["--data-dir", "{tmp}/empty"], "--data-dir"),
+    (["--db", "mysql+pymysql://root:@127.0.0.1:1/nope"], "MySQL"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = cli("simulate", "--rounds", "1", "--model", "2nn", "--data-root", str(tmp_path / "root"),
+               "--no-progress", *args)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    db = tmp_path / "root" / "ledger.db"
+    assert not db.exists() or LedgerStore(f"sqlite:///{db}").count() == 0
+
+
+def test_cli_json_summary_is_the_last_line_and_verify_accepts_the_chain(tmp_path):
+    proc = cli("simulate", "--rounds", "1", "--model", "2nn", "--clients", "3", "--data-root", str(tmp_path),
+               "--no-progress", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"rounds", "final_accuracy", "wall_s", "head_height", "head_hash", "db"} <= set(summary)
+
+    check = cli("verify", "--db", summary["db"], "--checkpoint", str(tmp_path / "checkpoint.json"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert summary["head_hash"] in check.stdout
