@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "FLEDGER_"
+# FLEDGER_* variables that configure the test harness (see tests/conftest.py), not a node: never settings.
+NOT_SETTINGS = ("FLEDGER_TEST_", "FLEDGER_REQUIRE_")
 DATASETS = ("mnist", "cifar")
 ALGORITHMS = ("fedavg", "fedper")
 PARTITIONS = ("iid", "shards", "dirichlet")
@@ -162,7 +164,7 @@ def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
         for key, value in read_file(file).items():
             values[canonical_key(key)] = _typed(key, value)
     for var, text in (os.environ if env is None else env).items():
-        if var.startswith(ENV_PREFIX):
+        if var.startswith(ENV_PREFIX) and not var.startswith(NOT_SETTINGS):
             key = var[len(ENV_PREFIX):].lower()
             values[canonical_key(key)] = _parsed(key, text, var)
     for key, value in (flags or {}).items():

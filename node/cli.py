@@ -41,6 +41,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     own_keys = []
     if args.checkpoint and (Path(args.checkpoint).parent / KEY_FILE).exists():
         own_keys.append(NodeKey.load_or_create(Path(args.checkpoint).parent / KEY_FILE).public_hex)
+    if args.db.startswith("sqlite:///") and not Path(args.db[len("sqlite:///"):]).exists():
+        raise UsageError(f"no ledger database at {args.db[len('sqlite:///'):]}; check --db")
     store = LedgerStore(args.db)
     try:
         report = verify_chain(store, check_models=not args.skip_models, checkpoint=checkpoint,

@@ -97,8 +97,9 @@ class Ledger:
                                   metrics=metrics, proposer=self.key)
             block = SignedBlock.create(header, self.key)
             self._tip = Tip(header, block.hash)
-        future = self.writer.submit(self._write, block, records, lambda: encode_weights(weights), (),
-                                    client_state)
+        # Encode now, not on the writer thread: the caller may reuse its arrays once we return.
+        blob = encode_weights(weights)
+        future = self.writer.submit(self._write, block, records, lambda: blob, (), client_state)
         return block, future
 
     def accept(self, block: SignedBlock, records: list[SignedRecord], weights_blob: bytes,

@@ -45,7 +45,8 @@ def _ensure_mysql_database(parsed) -> None:
     name = parsed.database
     if not name.replace("_", "").isalnum():
         raise StorageUnavailable(f"database name {name!r} must be letters, digits and underscores")
-    server = create_engine(parsed.set(database=None), pool_pre_ping=True)
+    # URL.set() ignores None, so it cannot drop the database name; _replace (NamedTuple) can.
+    server = create_engine(parsed._replace(database=None), pool_pre_ping=True)
     try:
         with server.begin() as conn:
             conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4"))

@@ -60,6 +60,9 @@ class LedgerStore:
     def append(self, block: SignedBlock, records: list[SignedRecord], weights_blob: bytes, *,
                cosignatures: Iterable[Cosignature] = (), client_state: dict[str, bytes] | None = None) -> None:
         """Check the block against the head and write it whole, in one transaction, or refuse it."""
+        cosignatures = list(cosignatures)   # iterated twice below: a generator would be checked but not written
+        if len({c.signer_key for c in cosignatures}) != len(cosignatures):
+            raise StoreError("block refused: the same node co-signed it twice")
         stored = self._as_stored(block, records, weights_blob, cosignatures)
         with self.session.begin() as session:
             head = self._head(session)
