@@ -78,6 +78,7 @@ ALIASES = {
     "openEval": "eval_global", "learn_rate": "lr", "BATCH_SIZE": "batch_size", "nt": "node_type",
 }
 _FIELDS = {f.name: f for f in fields(Config)}
+_ENV_ALIASES = {alias.lower().replace(".", "_"): alias for alias in ALIASES}
 
 
 def _base_type(name: str) -> tuple[type, bool]:
@@ -166,6 +167,7 @@ def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
     for var, text in (os.environ if env is None else env).items():
         if var.startswith(ENV_PREFIX) and not var.startswith(NOT_SETTINGS):
             key = var[len(ENV_PREFIX):].lower()
+            key = _ENV_ALIASES.get(key, key)   # environment names are upper case: FLEDGER_OPENEVAL -> openEval
             values[canonical_key(key)] = _parsed(key, text, var)
     for key, value in (flags or {}).items():
         if value is not None:
