@@ -1,0 +1,426 @@
+"""Rounds over the network: every SN trains its edge nodes into a partial aggregate; the entry (proof of authority)
+combines the partials, evaluates, proposes the block and has it co-signed. Also the entry's background Train job.
+
+The network round is the simulator's round split in two: ``fl.server.run_round`` runs on each SN over its own
+edge nodes (GrpcParticipants), and the entry folds the SNs' averages weighted by their sample totals, which is
+the sample-weighted average over all edge nodes (exactly the same bits with one SN, see ``combine``).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from chain.block import SignedBlock, SignedRecord
+from chain.tensors import encode_weights, model_hash
+from config import Config
+from fl.aggregate import Accumulator
+from fl.data import Dataset, load_dataset
+from fl.participant import FitRes
+from fl.server import RoundFailed, evaluate_personalized, run_round
+from fl.strategy import FedAvg
+from fl.train import evaluate as evaluate_model
+from fl.weights import load_numpy, state_to_numpy
+from node import serde, transport
+from node.errors import BadRequestError, NetError, StaleRoundError
+from node.ledger import Ledger
+from node.options import DEADLINES
+from node.proxy import GrpcParticipant
+from node.rounds import integer_metrics
+from node.setup import initial_model, strategy_for
+from proto import fledger_pb2_grpc
+from proto.fledger_pb2 import Failure as FailureMsg
+from proto.fledger_pb2 import PartialHeader as PartialHeaderMsg
+from proto.fledger_pb2 import PartialPart as PartialPartMsg
+from proto.fledger_pb2 import RoundAnnouncement as RoundAnnouncementMsg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeRef:
+    """An edge node as its SN knows it."""
+
+    node_id: str
+    address: str
+    partition_index: int | None = None   # its data share; the client index of its FitIns seed
+
+
+@dataclass
+class Partial:
+    """One SN's share of a round: the sample-weighted average of its edges' models and their signed records."""
+
+    sn_id: str
+    round: int
+    samples: int                                  # total samples behind ``weights`` (0: no edge produced one)
+    weights: dict[str, np.ndarray] | None
+    records: list[SignedRecord] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)   # sample-weighted train_loss / train_accuracy
+
+
+# ---------------------------------------------------------------- the FL pieces a node needs, from its Config
+
+@dataclass
+class _FedView:
+    """What node.simulator.run_params reads from a Federation (the network has no Federation)."""
+
+    strategy: FedAvg
+    dataset: Dataset
+
+
+class RunContext:
+    """Strategy, run parameters and (loaded on first use) the dataset and an evaluation model, from a Config."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.strategy = strategy_for(cfg)
+        self._lock = threading.Lock()
+        self._dataset: Dataset | None = None
+        self._model = None
+
+    @property
+    def dataset(self) -> Dataset:
+        with self._lock:
+            if self._dataset is None:
+                self._dataset = load_dataset(self.cfg.dataset, self.cfg.data_dir, self.cfg.download)
+                self._model = initial_model(self.cfg, self._dataset)
+            return self._dataset
+
+    def params(self) -> dict[str, str]:
+        """The simulator's run parameters, so a network chain records the same run as a simulated one."""
+        from node.simulator import run_params  # the simulator module pulls in tqdm/matplotlib paths lazily
+        return run_params(self.cfg, _FedView(self.strategy, self.dataset))  # type: ignore[arg-type]
+
+    def genesis_weights(self) -> dict[str, np.ndarray]:
+        """The shared keys of the seeded initial model (FedPer: base layers)."""
+        model = initial_model(self.cfg, self.dataset)
+        state = state_to_numpy(model)
+        return {k: state[k] for k in self.strategy.shared_keys(model)}
+
+    def evaluate_global(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Accuracy and loss on the global test set; {} when the weights are not a whole model (FedPer)."""
+        data = self.dataset
+        with self._lock:
+            if set(weights) != set(self._model.state_dict()):
+                return {}
+            load_numpy(self._model, weights, strict_keys=True)
+            m = evaluate_model(self._model, data.test_x, data.test_y, device="cpu")
+        return {"accuracy": float(m["accuracy"]), "loss": float(m["loss"])}
+
+    @property
+    def personalised(self) -> bool:
+        """Edge nodes keep personal layers (FedPer) or per-edge evaluation was asked for."""
+        return self.strategy.name == "fedper" or self.cfg.eval_local
+
+    def timestamp(self, round: int) -> int:
+        return round * 1000 if self.cfg.reproducible else int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------- one SN's share of a round
+
+def train_partial(sn_id: str, round: int, weights: dict[str, np.ndarray], edges: list[EdgeRef],
+                  strategy: FedAvg) -> Partial:
+    """Run ``fl.server.run_round`` over this SN's edge nodes, all in parallel; failures are data."""
+    if not edges:
+        return Partial(sn_id, round, 0, None, failures=[])
+    ordered = sorted(edges, key=lambda e: (e.partition_index is None, e.partition_index or 0, e.node_id))
+    chosen = set(strategy.select(round, [e.node_id for e in ordered]))
+    ordered = [e for e in ordered if e.node_id in chosen]
+    participants = [GrpcParticipant(e.node_id, e.address) for e in ordered]
+    index = {e.node_id: (e.partition_index if e.partition_index is not None else i) for i, e in enumerate(ordered)}
+    records: list[SignedRecord] = []
+    results: list[FitRes] = []
+
+    def keep(_pid: str, res: FitRes) -> None:
+        records.append(res.receipt)  # type: ignore[arg-type]  # GrpcParticipant checked it against the weights
+        results.append(res)
+
+    try:
+        outcome = run_round(round, participants, weights, lambda _i, p: strategy.fit_ins(round, index[p.participant_id]),
+                            max_workers=len(participants), on_result=keep)
+    except RoundFailed as exc:
+        return Partial(sn_id, round, 0, None, failures=exc.failures)
+    finally:
+        for p in participants:
+            p.close()
+    return Partial(sn_id, round, outcome.total_samples, outcome.weights, records, outcome.failures,
+                   _weighted_metrics([(r.metrics, r.samples) for r in results], prefix="train_"))
+
+
+def _weighted_metrics(items: list[tuple[Mapping[str, float], int]], prefix: str = "") -> dict[str, float]:
+    total = sum(n for _, n in items) or 1
+    out: dict[str, float] = {}
+    for name in sorted({k for m, _ in items for k in m}):
+        if all(name in m for m, _ in items):
+            out[f"{prefix}{name}"] = sum(m[name] * n for m, n in items) / total
+    return out
+
+
+def partial_parts(partial: Partial) -> Iterator[PartialPartMsg]:
+    """A partial as stream messages: header, records, weight chunks."""
+    yield PartialPartMsg(header=PartialHeaderMsg(
+        round=partial.round, sn_id=partial.sn_id, samples=partial.samples,
+        failures=[FailureMsg(node_id=n, reason=r) for n, r in partial.failures],
+        metrics=serde.metrics_to_msg(partial.metrics)))
+    for record in partial.records:
+        yield PartialPartMsg(record=serde.record_to_msg(record))
+    if partial.weights is not None:
+        for chunk in transport.send_weights(partial.weights):
+            yield PartialPartMsg(weights=chunk)
+
+
+def read_partial(parts: Iterable[PartialPartMsg], round: int, base: Mapping[str, np.ndarray]) -> Partial:
+    """Reassemble a partial and check it: records signed, for this round and base, summing to its samples."""
+    parts = iter(parts)
+    first = next(parts, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise BadRequestError("a partial must start with its header")
+    head = first.header
+    records, assembler = [], transport.WeightsAssembler()
+    for part in parts:
+        kind = part.WhichOneof("part")
+        if kind == "record":
+            records.append(serde.record_from_msg(part.record))
+        elif kind == "weights":
+            assembler.add(part.weights)
+        else:
+            raise BadRequestError(f"unexpected {kind!r} message inside a partial")
+    weights = assembler.finish()[0] if assembler.started else None
+    base_hash = model_hash(base)
+    recs = [r.record for r in records]
+    problems = [f"record of {r.trainer_id} is for round {r.round} / another base model" for r in recs
+                if r.round != round or r.base_model_hash != base_hash]
+    if head.round != round:
+        problems.append(f"partial is for round {head.round}")
+    if len({r.trainer_id for r in recs}) != len(recs):
+        problems.append("a trainer appears twice")
+    if sum(r.samples for r in recs) != head.samples:
+        problems.append(f"records sum to {sum(r.samples for r in recs)} samples, header says {head.samples}")
+    if (weights is None) != (head.samples == 0):
+        problems.append("weights must come exactly when samples > 0")
+    for name, array in (weights or {}).items():
+        ref = base.get(name)
+        if ref is None or array.shape != ref.shape or array.dtype != ref.dtype:
+            problems.append(f"tensor {name!r} does not match the global model")
+    if problems:
+        raise BadRequestError(f"partial of {head.sn_id} refused: {'; '.join(problems[:3])}")
+    return Partial(head.sn_id, round, int(head.samples), weights, records,
+                   [(f.node_id, f.reason) for f in head.failures], serde.metrics_from_msg(head.metrics))
+
+
+def combine(partials: list[Partial]) -> dict[str, np.ndarray]:
+    """Sample-weighted average of the partial averages = the average over all their edges.
+
+    A single partial is taken as is: re-weighting a float32 average by its own total would round it again.
+    """
+    usable = sorted((p for p in partials if p.samples > 0 and p.weights), key=lambda p: p.sn_id)
+    if len(usable) == 1:
+        return dict(usable[0].weights)  # type: ignore[arg-type]
+    acc = Accumulator()
+    for p in usable:
+        acc.add(p.weights, p.samples)  # type: ignore[arg-type]
+    return acc.result()
+
+
+# ---------------------------------------------------------------- the entry's round
+
+@dataclass(frozen=True)
+class RoundReport:
+    round: int
+    block: SignedBlock
+    metrics: dict[str, float]
+    participants: int
+    failures: list[tuple[str, str]]
+
+
+class Coordinator:
+    """Runs rounds from the entry: announce, collect partials, combine, evaluate, propose, co-sign, commit."""
+
+    def __init__(self, ledger: Ledger, ctx: RunContext, local: Callable[[int, int, str], Partial],
+                 peers: Callable[[], list[tuple[str, str]]], all_edges: Callable[[], list[EdgeRef]],
+                 commit: Callable[[list[str], SignedBlock, list[SignedRecord], bytes], object]):
+        self.ledger, self.ctx = ledger, ctx
+        self.local = local            # (round, base_height, base_hash) -> this SN's partial
+        self.peers = peers            # the other live SNs: (node id, address)
+        self.all_edges = all_edges    # every edge node of every live SN
+        self.commit = commit          # propose_and_commit to the peers
+
+    def genesis(self) -> SignedBlock:
+        """The round-0 block from the seeded initial model, as the simulator writes it."""
+        weights = self.ctx.genesis_weights()
+        metrics = self.ctx.evaluate_global(weights)
+        block, durable = self.ledger.propose(round=0, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
+                                             weights=weights, records=[], metrics=integer_metrics(metrics),
+                                             timestamp_ms=self.ctx.timestamp(0))
+        durable.result()
+        log.info("genesis block %s (model %s)", block.hash[:16], block.header.model_hash[:16])
+        return block
+
+    def run_round(self, round: int) -> RoundReport:
+        tip = self.ledger.tip
+        if tip is None:
+            raise StaleRoundError("the chain has no genesis block yet")
+        if round <= tip.header.round:
+            raise StaleRoundError(f"round {round} is stale: the head block closed round {tip.header.round}")
+        self.ledger.flush()
+        base = self.ledger.load_weights(tip.header.height)
+        base_height, base_hash = tip.header.height, tip.header.model_hash
+        peers = self.peers()
+        ann = RoundAnnouncementMsg(round=round, base_height=base_height, base_model_hash=base_hash,
+                                   proposer_id=self.ledger.key.node_id)
+        with ThreadPoolExecutor(max_workers=len(peers) + 1, thread_name_prefix="round") as pool:
+            jobs = {self.ledger.key.node_id: pool.submit(self.local, round, base_height, base_hash)}
+            for node_id, address in peers:
+                jobs[node_id] = pool.submit(_remote_partial, address, ann, base)
+            partials, failures = [], []
+            for sn_id, job in sorted(jobs.items()):
+                try:
+                    partials.append(job.result())
+                except (grpc.RpcError, NetError, OSError) as exc:
+                    why = transport.rpc_error_text(exc) if isinstance(exc, grpc.RpcError) else str(exc)
+                    failures.append((sn_id, f"super node failed: {why}"))
+                    log.warning("round %d: super node %s failed: %s", round, sn_id, why)
+        for p in partials:
+            failures.extend(p.failures)
+        if not any(p.samples > 0 for p in partials):
+            raise RoundFailed(round, failures)
+        new = {**base, **combine(partials)}
+        records = sorted((r for p in partials for r in p.records), key=lambda r: r.record.trainer_id)
+        metrics = _weighted_metrics([(p.metrics, p.samples) for p in partials if p.samples > 0])
+        metrics.update(self.ctx.evaluate_global(new))
+        if self.ctx.personalised:
+            edges = [GrpcParticipant(e.node_id, e.address) for e in self.all_edges()]
+            pers = evaluate_personalized(edges, new)
+            metrics.update({f"personal_accuracy_{k}": v for k, v in pers.items() if k != "count"})
+        block, durable = self.ledger.propose(round=round, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
+                                             weights=new, records=records, metrics=integer_metrics(metrics),
+                                             timestamp_ms=self.ctx.timestamp(round))
+        durable.result()
+        self.commit([address for _, address in peers], block, records, encode_weights(new))
+        log.info("round %d: block %d %s, %d updates, %d failures", round, block.header.height, block.hash[:12],
+                 len(records), len(failures))
+        return RoundReport(round, block, metrics, len(records), failures)
+
+
+def _remote_partial(address: str, ann: RoundAnnouncementMsg, base: Mapping[str, np.ndarray]) -> Partial:
+    with transport.open_channel(address) as channel:
+        parts = fledger_pb2_grpc.SuperNodeStub(channel).AnnounceRound(ann, timeout=DEADLINES.round)
+        return read_partial(parts, ann.round, base)
+
+
+# ---------------------------------------------------------------- Admin.Train: rounds in the background
+
+@dataclass
+class TrainJob:
+    """One Train request being run: its progress messages, appended as rounds finish."""
+
+    first_round: int
+    last_round: int
+    progress: list = field(default_factory=list)   # TrainProgress messages
+    done: bool = False
+    current: int = 0                                # round in progress (0: none yet)
+
+
+class Trainer:
+    """Runs Train jobs one at a time in a background thread; Pause stops a job after its current round."""
+
+    def __init__(self, coordinator: Coordinator, ledger: Ledger, rounds_default: int, to_progress: Callable):
+        self.coordinator, self.ledger = coordinator, ledger
+        self.rounds_default = rounds_default          # Train(0): up to this total round
+        self.to_progress = to_progress                # (report | None, round, message) -> TrainProgress message
+        self._cond = threading.Condition()
+        self._job: TrainJob | None = None
+        self._thread: threading.Thread | None = None
+        self.pause_requested = False
+
+    @property
+    def training(self) -> bool:
+        with self._cond:
+            return self._job is not None and not self._job.done
+
+    @property
+    def current_round(self) -> int:
+        with self._cond:
+            if self._job is not None and not self._job.done and self._job.current:
+                return self._job.current
+        tip = self.ledger.tip
+        return tip.header.round if tip else 0
+
+    def start(self, rounds: int) -> tuple[TrainJob, bool]:
+        """Start a job of ``rounds`` rounds after the head (0: up to the configured total); (job, False) when one
+        is already running (the caller follows it)."""
+        with self._cond:
+            if self._job is not None and not self._job.done:
+                return self._job, False
+            tip = self.ledger.tip
+            head_round = tip.header.round if tip else 0
+            last = head_round + rounds if rounds else self.rounds_default
+            job = TrainJob(head_round + 1, last)
+            self._job, self.pause_requested = job, False
+            if job.first_round > job.last_round:
+                job.progress.append(self.to_progress(None, head_round, f"nothing to do: round {head_round} "
+                                                                       f"already reached {last}"))
+                job.done = True
+                return job, True
+            self._thread = threading.Thread(target=self._run, args=(job,), name="train", daemon=True)
+            self._thread.start()
+            return job, True
+
+    def pause(self) -> None:
+        with self._cond:
+            self.pause_requested = True
+
+    def follow(self, job: TrainJob, alive: Callable[[], bool] = lambda: True) -> Iterator:
+        """Yield the job's progress messages from the first until it is done (or the caller went away)."""
+        sent = 0
+        while alive():
+            with self._cond:
+                while sent == len(job.progress) and not job.done:
+                    self._cond.wait(timeout=1.0)
+                    if not alive():
+                        return
+                batch = job.progress[sent:]
+                finished = job.done
+            yield from batch
+            sent += len(batch)
+            if finished and sent == len(job.progress):
+                return
+
+    def join(self, timeout: float | None = None) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self, job: TrainJob) -> None:
+        try:
+            for rnd in range(job.first_round, job.last_round + 1):
+                with self._cond:
+                    if self.pause_requested:
+                        job.progress.append(self.to_progress(None, rnd - 1, f"paused after round {rnd - 1}"))
+                        break
+                    job.current = rnd
+                try:
+                    report = self.coordinator.run_round(rnd)
+                except (RoundFailed, NetError) as exc:
+                    log.error("round %d failed: %s", rnd, exc)
+                    with self._cond:
+                        job.progress.append(self.to_progress(None, rnd, f"round {rnd} failed: {exc}"))
+                    break
+                with self._cond:
+                    job.progress.append(self.to_progress(report, rnd, ""))
+                    self._cond.notify_all()
+        except Exception as exc:  # a bug must not leave followers waiting forever
+            log.exception("training stopped")
+            with self._cond:
+                job.progress.append(self.to_progress(None, job.current, f"training stopped: {exc}"))
+        finally:
+            with self._cond:
+                job.done = True
+                self._cond.notify_all()

@@ -1,0 +1,69 @@
+"""gRPC channel and server options, chunk sizes and per-call deadlines, in one place with the reason for each."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Weights travel as slices of this size. Well under gRPC's 4 MiB default message limit, big enough that a
+# 100 MB model is ~100 messages rather than thousands.
+CHUNK_SIZE = 1 * 1024 * 1024
+
+# Largest single message we accept or send. A message holds at most one weight chunk (CHUNK_SIZE) or a
+# header with signed records; 16 MiB leaves headroom for big record batches while still bounding the memory
+# one bad peer can make us allocate per message. Raising CHUNK_SIZE past this would break transfers.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# Largest reassembled weight blob a receiver will buffer (the first chunk's total_size is checked against it
+# before anything is stored), so a lying peer cannot make us allocate unbounded memory.
+MAX_MODEL_BYTES = 4 * 1024 * 1024 * 1024
+
+_COMMON = [
+    # Raise the 4 MiB receive default deliberately (see MAX_MESSAGE_BYTES).
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Match it on send so an oversized message fails here with a clear error, not at the peer.
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Options for every client channel."""
+    return _COMMON + [
+        # Ping an idle connection every 30 s so a dead SN/EN is noticed between rounds, not mid-round.
+        ("grpc.keepalive_time_ms", 30_000),
+        # Declare the connection dead if a ping is not answered within 10 s.
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # Keep pinging while no call is active (nodes sit idle between rounds).
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Do not cap pings without data: the server below permits our 30 s cadence.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options() -> list[tuple[str, int]]:
+    """Options for every server."""
+    return _COMMON + [
+        # Accept client keepalive pings as often as every 20 s (clients ping every 30 s); the default 5 min
+        # minimum would make the server answer our pings with GOAWAY "too_many_pings".
+        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+        # Allow those pings while no call is active, matching the client's permit_without_calls.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Do not reuse a port another process still holds (SO_REUSEPORT would let two nodes share one).
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Per-call timeouts in seconds; every client call passes one of these as ``timeout=``."""
+
+    register: float = 10.0       # registration and assignment: small unary calls
+    heartbeat: float = 5.0       # heartbeats: must fail fast so liveness stays accurate
+    query: float = 30.0          # head, status, list, info, single block
+    fit: float = 3600.0          # local training of one EN, including both weight transfers
+    evaluate: float = 600.0      # evaluation of one model on one EN
+    round: float = 7200.0        # announce + partial reply: a whole SN's share of a round
+    train: float = 86400.0       # a whole Admin.Train stream (many rounds) or a full-chain Verify
+    block: float = 600.0         # propose/commit of a block with its model
+    sync: float = 3600.0         # fetching a range of blocks with models
+
+
+DEADLINES = Deadlines()

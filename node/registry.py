@@ -1,0 +1,179 @@
+"""Membership with heartbeats and liveness: the entry's super-node registry, each SN's edge table, round order.
+
+Pure logic (no gRPC, no sleeping): the clock is injected so tests can move time by hand.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN, node_id_for
+from node.errors import BadRequestError, DeadNodeError, NoCapacityError, StaleRoundError, TakenIdError, UnknownNodeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One registered node as last heard from."""
+
+    node_id: str          # node_id_for(public_key)
+    public_key: str       # Ed25519 public key, hex
+    address: str          # host:port where it serves
+    capacity: int = 0     # SN: max edge nodes (0 = unlimited)
+    samples: int = 0      # EN: local training samples
+    load: int = 0         # SN: edge nodes it reports (or has been assigned since its last heartbeat)
+    last_seen: float = 0.0
+
+
+class Membership:
+    """Nodes that registered and keep heartbeating; one silent for more than ``missed_beats`` intervals is dropped."""
+
+    def __init__(self, heartbeat_interval: float = 5.0, missed_beats: int = 3, capacity: int = 0,
+                 clock: Callable[[], float] = time.monotonic, kind: str = "node"):
+        if heartbeat_interval <= 0 or missed_beats < 1:
+            raise ValueError("heartbeat_interval must be > 0 and missed_beats >= 1")
+        self.heartbeat_interval = heartbeat_interval
+        self.missed_beats = missed_beats
+        self.capacity = capacity          # max members (0 = unlimited)
+        self.kind = kind                  # "super node" / "edge node", for messages
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._members: dict[str, Member] = {}
+
+    @property
+    def timeout(self) -> float:
+        return self.heartbeat_interval * self.missed_beats
+
+    def register(self, node_id: str, public_key: str, address: str, capacity: int = 0, samples: int = 0) -> Member:
+        """Add or refresh a member; the same id with another key is refused, as is a new member when full."""
+        with self._lock:
+            self._prune_locked()
+            known = self._members.get(node_id)
+            if known is not None and known.public_key != public_key:
+                raise TakenIdError(f"{self.kind} id {node_id} is already registered under another public key")
+            _check_identity(node_id, public_key)
+            if not address or ":" not in address:
+                raise BadRequestError(f"{self.kind} {node_id}: address must be host:port, got {address!r}")
+            if known is None and self.capacity and len(self._members) >= self.capacity:
+                raise NoCapacityError(f"{self.kind} table is full ({self.capacity}); try another super node")
+            member = Member(node_id, public_key, address, capacity, samples,
+                            known.load if known else 0, self._clock())
+            self._members[node_id] = member
+        if known is None:
+            log.info("%s %s registered at %s", self.kind, node_id, address)
+        return member
+
+    def heartbeat(self, node_id: str, load: int | None = None) -> Member:
+        """Refresh a member's liveness (and load); an unknown or dropped id must register again."""
+        with self._lock:
+            self._prune_locked()
+            member = self._members.get(node_id)
+            if member is None:
+                raise UnknownNodeError(f"{self.kind} {node_id} is not registered (or was dropped); register again")
+            member = replace(member, last_seen=self._clock(), load=member.load if load is None else load)
+            self._members[node_id] = member
+            return member
+
+    def get(self, node_id: str) -> Member:
+        with self._lock:
+            self._prune_locked()
+            if node_id not in self._members:
+                raise UnknownNodeError(f"unknown {self.kind} {node_id}")
+            return self._members[node_id]
+
+    def remove(self, node_id: str) -> None:
+        with self._lock:
+            if self._members.pop(node_id, None) is None:
+                raise UnknownNodeError(f"unknown {self.kind} {node_id}")
+
+    def members(self) -> list[Member]:
+        """Live members in id order (dead ones are dropped first)."""
+        with self._lock:
+            self._prune_locked()
+            return sorted(self._members.values(), key=lambda m: m.node_id)
+
+    def prune(self) -> list[Member]:
+        """Drop members silent for longer than the timeout; return them."""
+        with self._lock:
+            return self._prune_locked()
+
+    def __len__(self) -> int:
+        return len(self.members())
+
+    def _prune_locked(self) -> list[Member]:
+        now = self._clock()
+        dead = [m for m in self._members.values() if now - m.last_seen > self.timeout]
+        for member in dead:
+            del self._members[member.node_id]
+            log.warning("%s %s dropped: silent for %.1f s", self.kind, member.node_id, now - member.last_seen)
+        return dead
+
+
+class SuperNodeRegistry(Membership):
+    """The entry's view of the super nodes, and where each edge node should go."""
+
+    def __init__(self, heartbeat_interval: float = 5.0, missed_beats: int = 3,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__(heartbeat_interval, missed_beats, 0, clock, kind="super node")
+        self._assigned: dict[str, str] = {}   # edge id -> super node id
+
+    def assign(self, edge_id: str, edge_key: str) -> Member:
+        """The live SN with the fewest edge nodes and room for one more (ties by id); sticky per edge."""
+        _check_identity(edge_id, edge_key)
+        with self._lock:
+            self._prune_locked()
+            if not self._members:
+                raise DeadNodeError("no live super node is registered; start a super node and retry")
+            previous = self._members.get(self._assigned.get(edge_id, ""))
+            if previous is not None:
+                return previous
+            open_ = [m for m in self._members.values() if not m.capacity or m.load < m.capacity]
+            if not open_:
+                raise NoCapacityError(f"all {len(self._members)} live super nodes are full; start another one")
+            chosen = min(open_, key=lambda m: (m.load, m.node_id))
+            # Count the edge now so a burst of assignments spreads; the SN's next heartbeat sets the true load.
+            chosen = replace(chosen, load=chosen.load + 1)
+            self._members[chosen.node_id] = chosen
+            self._assigned[edge_id] = chosen.node_id
+        log.info("edge node %s assigned to super node %s", edge_id, chosen.node_id)
+        return chosen
+
+    def require(self, node_id: str) -> Member:
+        """A super node that must be alive now (DeadNodeError when it was known but dropped)."""
+        try:
+            return self.get(node_id)
+        except UnknownNodeError:
+            raise DeadNodeError(f"super node {node_id} is not alive") from None
+
+
+class RoundTracker:
+    """Round numbers only move forward; an old or repeated round is refused."""
+
+    def __init__(self, last: int = 0):
+        self._lock = threading.Lock()
+        self.last = last
+
+    def begin(self, round: int) -> None:
+        with self._lock:
+            if round <= self.last:
+                raise StaleRoundError(f"round {round} is stale: round {self.last} was already started")
+            self.last = round
+
+    def check_current(self, round: int) -> None:
+        if round != self.last:
+            raise StaleRoundError(f"round {round} is not the current round {self.last}")
+
+
+def _check_identity(node_id: str, public_key: str) -> None:
+    if len(public_key) != PUBLIC_KEY_HEX_LEN or len(node_id) != NODE_ID_HEX_LEN:
+        raise BadRequestError("node id must be 32 hex digits and public key 64 hex digits")
+    try:
+        derived = node_id_for(public_key)
+    except ValueError:
+        raise BadRequestError("public key is not hex") from None
+    if derived != node_id:
+        raise BadRequestError(f"node id {node_id} does not match its public key (expected {derived})")

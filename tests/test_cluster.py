@@ -1,0 +1,96 @@
+"""End to end with real processes: `main.py cluster`, and docker-compose.yml's services run as local processes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import mysql_admin_execute, mysql_server_url
+from node.cluster import check_chains, start_node, stop_all, train, wait_for_members
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+
+pytestmark = pytest.mark.slow
+
+
+def test_cluster_command_trains_and_every_chain_verifies_with_equal_heads(tmp_path):
+    proc = subprocess.run([sys.executable, "main.py", "cluster", "--sn", "2", "--en", "4", "--rounds", "2",
+                           "--model", "2nn", "--data-root", str(tmp_path), "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["head_height"] == 2
+    assert "all 2 chains verify" in proc.stdout
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], "node processes outlived the cluster command"
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_file_declares_mysql_two_supernodes_and_four_edge_nodes_with_distinct_shards():
+    services = compose()["services"]
+    mysql = services["mysql"]
+    assert mysql["image"].startswith("mysql:8")
+    assert "healthcheck" in mysql and any("mysql-data" in v for v in mysql["volumes"])
+    supernodes = {k: v for k, v in services.items() if v.get("environment", {}).get("FLEDGER_NODE_TYPE") == "SN"}
+    edges = {k: v for k, v in services.items() if v.get("environment", {}).get("FLEDGER_NODE_TYPE") == "EN"}
+    assert len(supernodes) == 2 and len(edges) >= 4
+    assert sum(v["environment"].get("FLEDGER_IS_ENTRY") == "true" for v in supernodes.values()) == 1
+    assert len({v["environment"]["FLEDGER_DB"] for v in supernodes.values()}) == 2
+    assert len({v["environment"]["FLEDGER_PARTITION_INDEX"] for v in edges.values()}) == len(edges)
+    assert all(v["build"] == "." for v in [*supernodes.values(), *edges.values()])
+
+
+def local_env(env: dict, run_id: str, server) -> dict[str, str]:
+    """A service's environment with container names swapped for loopback and the local MariaDB."""
+    out = {k: str(v) for k, v in env.items()}
+    out.update(FLEDGER_IP="127.0.0.1", FLEDGER_PORT="0", FLEDGER_THREADS="1", FLEDGER_MODEL="2nn")
+    out.pop("FLEDGER_ADVERTISE", None)
+    if "FLEDGER_DB" in out:
+        name = out["FLEDGER_DB"].split("/")[-1].split("?")[0]
+        out["FLEDGER_DB"] = server.set(database=f"{name}_{run_id}").render_as_string(hide_password=False)
+    return out
+
+
+@pytest.mark.mysql
+def test_compose_services_run_as_local_processes_and_complete_a_round(tmp_path):
+    server = mysql_server_url()     # skips visibly, or fails when FLEDGER_REQUIRE_MYSQL=1
+    services = compose()["services"]
+    run_id = uuid.uuid4().hex[:8]
+    order = sorted((k for k in services if k != "mysql"),
+                   key=lambda k: (services[k]["environment"].get("FLEDGER_IS_ENTRY") != "true",
+                                  services[k]["environment"]["FLEDGER_NODE_TYPE"] != "SN", k))
+    nodes = []
+    try:
+        entry = None
+        for name in order:
+            svc = services[name]
+            assert svc["command"][:2] == ["python", "main.py"]
+            env = local_env(svc["environment"], run_id, server)
+            if entry:
+                env["FLEDGER_ENTRY"] = entry
+            node = start_node(name, tmp_path / name, svc["command"][3:], env)
+            nodes.append(node)
+            if entry is None:
+                entry = node.wait_ready(time.monotonic() + 120)
+        for node in nodes:
+            node.wait_ready(time.monotonic() + 120)
+        sns = [n for n in nodes if services[n.name]["environment"]["FLEDGER_NODE_TYPE"] == "SN"]
+        wait_for_members(entry, len(sns), len(nodes) - len(sns), 120)
+        progress = train(entry, 1, lambda _line: None)
+        height, _head = check_chains([n.address for n in sns])
+    finally:
+        stop_all(nodes)
+        mysql_admin_execute(server, *(f"DROP DATABASE IF EXISTS fledger_{n}_{run_id}" for n in ("sn0", "sn1")))
+    assert height == 1
+    assert any(p.block_hash for p in progress)
