@@ -50,7 +50,8 @@ def build_node(cfg: Config):
     key = NodeKey.load_or_create(Path(cfg.data_root) / KEY_FILE)
     participant = edge_participant(cfg, key.node_id, device=device)
     return EdgeNode(key, participant, listen, cfg.entry, advertise_host=host,
-                    samples=participant.num_train_samples, heartbeat_interval=cfg.heartbeat_s)
+                    samples=participant.num_train_samples, heartbeat_interval=cfg.heartbeat_s,
+                    partition_index=cfg.partition_index)
 
 
 def write_ready(cfg: Config, node) -> None:
