@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -214,3 +215,13 @@ def raw_connection(url: str):
             yield conn
     finally:
         engine.dispose()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` every 50 ms until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

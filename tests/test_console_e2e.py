@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import raw_connection
+from conftest import raw_connection, wait_until
 from sqlalchemy import text
 
 from chain.keys import NodeKey
@@ -82,14 +82,6 @@ def tiny_participant(pid: str) -> InProcessParticipant:
     return InProcessParticipant(pid, data, np.arange(12), np.arange(12, 16), Workbench(model),
                                 list(model.state_dict()))
 
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")

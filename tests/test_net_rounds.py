@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from proto.fledger_pb2 import SaveRequest as SaveRequestMsg
 from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
 from storage.store import LedgerStore
 
+from conftest import wait_until
+
 BEAT = 0.2
 
 
@@ -36,14 +37,6 @@ def config(root: Path, **over) -> Config:
     return Config(dataset="mnist", model="2nn", clients=4, rounds=2, partition_count=4, threads=1,
                   reproducible=True, data_root=str(root), **over)
 
-
-def wait_until(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 class Flaky:
@@ -73,7 +66,7 @@ class Network:
         self.sns.append(self.make_sn("entry", entry=None))
         for i in range(1, supernodes):
             self.sns.append(self.make_sn(f"sn{i}", entry=self.entry.address))
-        assert wait_until(lambda: len(self.entry.registry) == supernodes)
+        assert wait_until(lambda: len(self.entry.registry) == supernodes, timeout=15.0)
         for i in range(edges):
             key = NodeKey.from_seed(f"edge{i}".encode())
             flaky = Flaky(edge_participant(dataclasses.replace(self.cfg, partition_index=i), key.node_id))
@@ -82,7 +75,7 @@ class Network:
             en.start()
             self.flaky.append(flaky)
             self.ens.append(en)
-        assert wait_until(lambda: sum(len(sn.edges) for sn in self.sns) == edges), "edge nodes did not join"
+        assert wait_until(lambda: sum(len(sn.edges) for sn in self.sns) == edges, timeout=15.0), "edge nodes did not join"
 
     def make_sn(self, name: str, entry: str | None) -> SuperNode:
         key = NodeKey.from_seed(name.encode())
@@ -130,7 +123,7 @@ def test_two_supernodes_with_two_edges_each_train_two_rounds_into_equal_verified
     assert all(p.participants == 4 and p.failures == 0 for p in progress)
     assert 0.0 < progress[-1].metrics["accuracy"] <= 1.0 and "train_loss" in progress[-1].metrics
     peer = net.sns[1]
-    assert wait_until(lambda: peer.ledger.tip is not None and peer.ledger.tip.hash == net.entry.ledger.tip.hash)
+    assert wait_until(lambda: peer.ledger.tip is not None and peer.ledger.tip.hash == net.entry.ledger.tip.hash, timeout=15.0)
     assert progress[-1].block_hash == net.entry.ledger.tip.hash
     for sn in net.sns:
         sn.ledger.flush()
@@ -147,7 +140,7 @@ def test_two_supernodes_with_two_edges_each_train_two_rounds_into_equal_verified
 def test_a_late_joining_supernode_syncs_the_trained_chain(net) -> None:
     late = net.make_sn("late", entry=net.entry.address)
     try:
-        assert wait_until(lambda: late.ledger.tip is not None and late.ledger.tip.hash == net.entry.ledger.tip.hash)
+        assert wait_until(lambda: late.ledger.tip is not None and late.ledger.tip.hash == net.entry.ledger.tip.hash, timeout=15.0)
         late.ledger.flush()
         assert verify_chain(late.ledger.store, check_models=True).head_hash == net.entry.ledger.tip.hash
     finally:

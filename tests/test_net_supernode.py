@@ -1,7 +1,6 @@
 """Super nodes on loopback with real ledgers: registry over gRPC, edge join, co-sign/commit, late-joiner sync."""
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,16 +22,10 @@ from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
 from proto.fledger_pb2 import Height as HeightMsg
 from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
 
+from conftest import wait_until
+
 WEIGHTS = {"w": np.arange(6, dtype=np.float32)}
 
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def make_sn(tmp_path: Path, name: str, entry: str | None = None) -> SuperNode:
