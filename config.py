@@ -67,6 +67,7 @@ class Config:
     is_entry: bool = False              # this SN is the entry: creates genesis, keeps the SN registry (-z)
     partition_index: int = 0            # an EN's share: index i of partition_count
     partition_count: int = 1
+    hosted_edges: int = 1               # an EN process hosts this many edge nodes: shares index..index+n-1
     heartbeat_s: float = 2.0            # interval between heartbeats
     dead_after_s: float = 10.0          # a member silent this long is dropped
     max_edges_per_sn: int = 64          # an SN refuses edge nodes beyond this
@@ -193,6 +194,8 @@ def validate(cfg: Config) -> Config:
         ("port", 0 <= cfg.port <= 65535, "a port number"),
         ("partition_index", 0 <= cfg.partition_index < max(cfg.partition_count, 1),
          "in 0..partition_count-1"),
+        ("hosted_edges", cfg.hosted_edges >= 1 and cfg.partition_index + cfg.hosted_edges <= max(cfg.partition_count, 1),
+         "at least 1, with partition_index + hosted_edges <= partition_count"),
         ("device", cfg.device in ("cpu", "cuda", "auto"), "cpu, cuda or auto"),
     ]
     for key, ok, expected in checks:

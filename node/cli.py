@@ -139,7 +139,7 @@ def _pct(value) -> str:
 
 
 NODE_KEYS = FL_KEYS + ("ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
-                       "partition_count", "heartbeat_s", "dead_after_s", "max_edges_per_sn")
+                       "partition_count", "hosted_edges", "heartbeat_s", "dead_after_s", "max_edges_per_sn")
 
 
 def _node_parser(sub) -> None:
@@ -158,6 +158,9 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                    help="this SN is the entry: it creates the genesis block and keeps the SN registry")
     p.add_argument("--partition-index", dest="partition_index", type=int, help="EN: which share i of n")
     p.add_argument("--partition-count", dest="partition_count", type=int, help="EN: into how many shares")
+    p.add_argument("--hosted-edges", dest="hosted_edges", type=int,
+                   help="EN: host this many edge nodes in one process (shares i..i+n-1, one port each, data in "
+                        "DATA_ROOT/edge-<share>); they share the dataset and one model in memory")
     p.add_argument("--heartbeat", dest="heartbeat_s", type=float, help="seconds between heartbeats")
     p.add_argument("--dead-after", dest="dead_after_s", type=float, help="drop members silent this long")
     p.add_argument("--max-edges", dest="max_edges_per_sn", type=int, help="SN: edge nodes it accepts at most")
@@ -179,16 +182,20 @@ def _cluster_parser(sub) -> None:
     _add_fl_flags(p)
     p.add_argument("--sn", type=int, default=2, help="number of super nodes (default 2)")
     p.add_argument("--en", type=int, default=4, help="number of edge nodes (default 4)")
+    p.add_argument("--en-per-process", type=int, default=1,
+                   help="host this many edge nodes in each EN process (default 1: one process each)")
     p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     from node.cluster import ClusterError, run_cluster
-    if args.sn < 1 or args.en < 1:
-        raise UsageError("a cluster needs at least one super node (--sn) and one edge node (--en)")
+    if args.sn < 1 or args.en < 1 or args.en_per_process < 1:
+        raise UsageError("a cluster needs at least one super node (--sn) and one edge node (--en), "
+                         "and --en-per-process of at least 1")
     cfg = config_from(args)
     try:
-        result = run_cluster(cfg, args.sn, args.en, args.rounds or cfg.rounds)
+        result = run_cluster(cfg, args.sn, args.en, args.rounds or cfg.rounds,
+                             edges_per_process=args.en_per_process)
     except ClusterError as exc:
         print(f"cluster failed: {exc}", file=sys.stderr)
         return 1

@@ -115,7 +115,7 @@ def wait_for_members(entry: str, supernodes: int, edges: int, timeout: float) ->
             with transport.open_channel(entry) as channel:
                 listed = fledger_pb2_grpc.AdminStub(channel).ListNodes(EmptyMsg(), timeout=DEADLINES.query)
             alive = [m for m in listed.members if m.alive]
-            seen = (len(alive), sum(m.load for m in alive))
+            seen = (sum(m.role != "edge" for m in alive), sum(m.role == "edge" for m in alive))
             if seen[0] >= supernodes and seen[1] >= edges:
                 return
         except grpc.RpcError as exc:
@@ -142,7 +142,9 @@ def _progress_line(msg) -> str:
     metrics = dict(msg.metrics)
     acc = f"accuracy {metrics['accuracy']:.2%}  " if "accuracy" in metrics else ""
     return (f"round {msg.round}  {acc}{msg.participants} trainers  {msg.failures} failed  "
-            f"block {msg.height} {msg.block_hash[:12]}" + (f"  ({msg.message})" if msg.message else ""))
+            f"block {msg.height} {msg.block_hash[:12]}" +
+            (f"  {msg.timings['round_s']:.2f} s" if "round_s" in msg.timings else "") +
+            (f"  ({msg.message})" if msg.message else ""))
 
 
 def check_chains(addresses: Sequence[str]) -> tuple[int, str]:
@@ -162,6 +164,17 @@ def check_chains(addresses: Sequence[str]) -> tuple[int, str]:
     return next(iter(heads.values()))
 
 
+def _peak_rss_mib(pid: int) -> float | None:
+    """A live process's peak resident memory (VmHWM) in MiB, or None where /proc does not tell."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _node_config_file(cfg, path: Path) -> Path:
     """The run's FL settings, shared by every node through --config (node-specific ones go on the command line)."""
     from dataclasses import asdict
@@ -175,8 +188,11 @@ def _node_config_file(cfg, path: Path) -> Path:
 
 
 def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[str], None] = print,
-                start_timeout: float = 120.0) -> dict:
-    """Start the topology, train ``rounds`` rounds, check every chain and equal heads, stop everything."""
+                start_timeout: float = 120.0, edges_per_process: int = 1) -> dict:
+    """Start the topology, train ``rounds`` rounds, check every chain and equal heads, stop everything.
+
+    ``edges_per_process`` > 1 hosts the edge nodes that many to a process (``main.py node --hosted-edges``).
+    """
     import shutil
     from storage.store import LedgerStore
     root = Path(cfg.data_root).resolve() / "cluster"
@@ -203,10 +219,13 @@ def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[s
         emit(f"entry super node sn0 on {entry}")
         for i in range(1, supernodes):
             nodes.append(start_node(f"sn{i}", root / f"sn{i}", [*sn_args[i], "--entry", entry]))
-        for i in range(edges):
-            nodes.append(start_node(f"en{i}", root / f"en{i}",
+        for first in range(0, edges, edges_per_process):
+            hosted = min(edges_per_process, edges - first)
+            name = f"en{first}" if hosted == 1 else f"en{first}-{first + hosted - 1}"
+            nodes.append(start_node(name, root / name,
                                     ["--config", str(conf), "--nt", "EN", "--port", "0", "--entry", entry,
-                                     "--partition-index", str(i), "--partition-count", str(edges)]))
+                                     "--partition-index", str(first), "--partition-count", str(edges),
+                                     "--hosted-edges", str(hosted)]))
         deadline = time.monotonic() + start_timeout
         for node in nodes[1:]:
             node.wait_ready(deadline)
@@ -217,7 +236,8 @@ def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[s
         height, head = check_chains([n.address for n in nodes if n.name.startswith("sn")])
         emit(f"all {supernodes} chains verify; head height {height} hash {head}")
         final = next((dict(p.metrics) for p in reversed(progress) if p.block_hash), {})
-        return {"supernodes": supernodes, "edges": edges, "rounds": rounds, "head_height": height,
+        return {"round_timings": [dict(p.timings) for p in progress if p.block_hash],
+                "peak_rss_mib": {n.name: _peak_rss_mib(n.popen.pid) for n in nodes}, "supernodes": supernodes, "edges": edges, "rounds": rounds, "head_height": height,
                 "head_hash": head, "final_accuracy": final.get("accuracy"),
                 "wall_s": round(time.perf_counter() - started, 3), "root": str(root)}
     except grpc.RpcError as exc:

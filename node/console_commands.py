@@ -205,23 +205,33 @@ def cmd_get_sn(con: Console) -> bool:
     """list the super nodes and their edge nodes with liveness and load"""
     st = con.admin.Status(EmptyMsg(), timeout=con.deadlines.query)
     members = list(con.admin.ListNodes(EmptyMsg(), timeout=con.deadlines.query).members)
-    # ListNodes is the entry's SN registry (entry only; `supernodes` of them, first) then this SN's edges.
-    n_sn = st.supernodes if st.role == "entry" else 0
-    sns, edges = members[:n_sn], members[n_sn:]
+    sns = [m for m in members if m.role != "edge"]
+    edges: dict[str, list] = {}
+    for m in members:
+        if m.role == "edge":
+            edges.setdefault(m.parent_id, []).append(m)
     rows = []
-    for m in sns:
-        mine = m.info.node_id == st.node_id
-        rows.append(["SN", m.info.node_id, m.info.address, "yes" if m.alive else "no",
-                     f"{m.load}/{m.info.capacity or 'inf'}", "this node" if mine else ""])
-        if mine:
-            rows += [["  EN", e.info.node_id, e.info.address, "yes" if e.alive else "no", "-",
-                      f"{e.info.samples} samples"] for e in edges]
-    if not any(m.info.node_id == st.node_id for m in sns):   # a non-entry SN: only its own edges are known
-        rows.append(["SN", st.node_id, con.address, "yes", f"{len(edges)}", "this node (not the entry)"])
-        rows += [["  EN", e.info.node_id, e.info.address, "yes" if e.alive else "no", "-",
-                  f"{e.info.samples} samples"] for e in edges]
+    for sn in sns:
+        note = ", ".join(x for x in (sn.role, "this node" if sn.info.node_id == st.node_id else "") if x)
+        rows.append(["SN", sn.info.node_id, sn.info.address, _liveness(sn),
+                     f"{sn.load}/{sn.info.capacity or 'inf'}", note])
+        if sn.alive and sn.info.node_id not in edges:
+            note = "no edge nodes" if sn.load == 0 else "edge nodes unknown: super node unreachable"
+            rows.append(["  EN", "-", "-", "-", "-", note])
+        for e in edges.pop(sn.info.node_id, []):
+            share = f"share {e.info.partition_index}, " if e.info.HasField("partition_index") else ""
+            rows.append(["  EN", e.info.node_id, e.info.address, _liveness(e), "-",
+                         f"{share}{e.info.samples} samples"])
     con.say(table(rows, ["kind", "node id", "address", "alive", "load", "note"]))
+    live = [m for m in members if m.alive]
+    con.say(f"{sum(m.role != 'edge' for m in live)} live super nodes, {sum(m.role == 'edge' for m in live)} live "
+            f"edge nodes; {sum(not m.alive for m in members)} dead")
     return True
+
+
+def _liveness(member) -> str:
+    """"yes (0.4 s)": alive, last heard 0.4 s ago; "DEAD (31 s)": dropped, silent that long."""
+    return f"{'yes' if member.alive else 'DEAD'} ({member.silent_s:.1f} s)"
 
 
 def cmd_chain(con: Console, n: int = CHAIN_DEFAULT) -> bool:

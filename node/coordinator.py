@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -63,6 +63,7 @@ class Partial:
     records: list[SignedRecord] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)   # sample-weighted train_loss / train_accuracy
+    timings: dict[str, float] = field(default_factory=dict)   # seconds, see _edge_timings
 
 
 # ---------------------------------------------------------------- the FL pieces a node needs, from its Config
@@ -126,13 +127,15 @@ class RunContext:
 # ---------------------------------------------------------------- one SN's share of a round
 
 def train_partial(sn_id: str, round: int, weights: dict[str, np.ndarray], edges: list[EdgeRef],
-                  strategy: FedAvg) -> Partial:
-    """Run ``fl.server.run_round`` over this SN's edge nodes, all in parallel; failures are data."""
-    if not edges:
-        return Partial(sn_id, round, 0, None, failures=[])
+                  strategy: FedAvg, selected: Collection[str] | None = None) -> Partial:
+    """Run ``fl.server.run_round`` over this SN's edge nodes (those in ``selected``, when the proposer chose
+    clients network-wide), all in parallel; failures are data. Each edge's FitIns seed comes from its data share
+    index, as the simulator's client of that index gets it."""
     ordered = sorted(edges, key=lambda e: (e.partition_index is None, e.partition_index or 0, e.node_id))
-    chosen = set(strategy.select(round, [e.node_id for e in ordered]))
-    ordered = [e for e in ordered if e.node_id in chosen]
+    if selected is not None:
+        ordered = [e for e in ordered if e.node_id in set(selected)]
+    if not ordered:
+        return Partial(sn_id, round, 0, None, failures=[])
     participants = [GrpcParticipant(e.node_id, e.address) for e in ordered]
     index = {e.node_id: (e.partition_index if e.partition_index is not None else i) for i, e in enumerate(ordered)}
     records: list[SignedRecord] = []
@@ -142,6 +145,7 @@ def train_partial(sn_id: str, round: int, weights: dict[str, np.ndarray], edges:
         records.append(res.receipt)  # type: ignore[arg-type]  # GrpcParticipant checked it against the weights
         results.append(res)
 
+    started = time.perf_counter()
     try:
         outcome = run_round(round, participants, weights, lambda _i, p: strategy.fit_ins(round, index[p.participant_id]),
                             max_workers=len(participants), on_result=keep)
@@ -151,7 +155,22 @@ def train_partial(sn_id: str, round: int, weights: dict[str, np.ndarray], edges:
         for p in participants:
             p.close()
     return Partial(sn_id, round, outcome.total_samples, outcome.weights, records, outcome.failures,
-                   _weighted_metrics([(r.metrics, r.samples) for r in results], prefix="train_"))
+                   _weighted_metrics([(r.metrics, r.samples) for r in results], prefix="train_"),
+                   _edge_timings(participants, time.perf_counter() - started))
+
+
+def _edge_timings(participants: list[GrpcParticipant], sn_round_s: float) -> dict[str, float]:
+    """Where one SN's share of the round went: the edges' training, the transfers around it, the SN's own tail."""
+    calls = [p.last_fit for p in participants if p.last_fit is not None]
+    if not calls:
+        return {"sn_round_s": sn_round_s}
+    train = [t for _, t in calls]
+    return {"sn_round_s": sn_round_s,
+            "edge_train_max_s": max(train), "edge_train_mean_s": sum(train) / len(train),
+            # Fit call time minus training: both weight transfers, (de)serialisation, hashing and signing.
+            "transfer_max_s": max(call - t for call, t in calls),
+            # After the slowest Fit call returned: folding the last update in and finishing the average.
+            "sn_aggregate_s": max(0.0, sn_round_s - max(call for call, _ in calls))}
 
 
 def _weighted_metrics(items: list[tuple[Mapping[str, float], int]], prefix: str = "") -> dict[str, float]:
@@ -168,7 +187,7 @@ def partial_parts(partial: Partial) -> Iterator[PartialPartMsg]:
     yield PartialPartMsg(header=PartialHeaderMsg(
         round=partial.round, sn_id=partial.sn_id, samples=partial.samples,
         failures=[FailureMsg(node_id=n, reason=r) for n, r in partial.failures],
-        metrics=serde.metrics_to_msg(partial.metrics)))
+        metrics=serde.metrics_to_msg(partial.metrics), timings=serde.metrics_to_msg(partial.timings)))
     for record in partial.records:
         yield PartialPartMsg(record=serde.record_to_msg(record))
     if partial.weights is not None:
@@ -212,7 +231,8 @@ def read_partial(parts: Iterable[PartialPartMsg], round: int, base: Mapping[str,
     if problems:
         raise BadRequestError(f"partial of {head.sn_id} refused: {'; '.join(problems[:3])}")
     return Partial(head.sn_id, round, int(head.samples), weights, records,
-                   [(f.node_id, f.reason) for f in head.failures], serde.metrics_from_msg(head.metrics))
+                   [(f.node_id, f.reason) for f in head.failures], serde.metrics_from_msg(head.metrics),
+                   serde.metrics_from_msg(head.timings))
 
 
 def combine(partials: list[Partial]) -> dict[str, np.ndarray]:
@@ -238,19 +258,23 @@ class RoundReport:
     metrics: dict[str, float]
     participants: int
     failures: list[tuple[str, str]]
+    timings: dict[str, float] = field(default_factory=dict)   # seconds; see Coordinator.run_round
+
+
+LocalPartial = Callable[[int, int, str, "Collection[str] | None"], Partial]
 
 
 class Coordinator:
-    """Runs rounds from the entry: announce, collect partials, combine, evaluate, propose, co-sign, commit."""
+    """Runs rounds from the entry: select, announce, collect partials, combine, evaluate, propose, co-sign, commit."""
 
-    def __init__(self, ledger: Ledger, ctx: RunContext, local: Callable[[int, int, str], Partial],
+    def __init__(self, ledger: Ledger, ctx: RunContext, local: LocalPartial,
                  peers: Callable[[], list[tuple[str, str]]], all_edges: Callable[[], list[EdgeRef]],
-                 commit: Callable[[list[str], SignedBlock, list[SignedRecord], bytes], object]):
+                 commit: Callable[..., object]):
         self.ledger, self.ctx = ledger, ctx
-        self.local = local            # (round, base_height, base_hash) -> this SN's partial
+        self.local = local            # (round, base_height, base_hash, selected ids) -> this SN's partial
         self.peers = peers            # the other live SNs: (node id, address)
         self.all_edges = all_edges    # every edge node of every live SN
-        self.commit = commit          # propose_and_commit to the peers
+        self.commit = commit          # consensus.propose_and_commit to the peers; raises NoMajorityError
 
     def genesis(self) -> SignedBlock:
         """The round-0 block from the seeded initial model, as the simulator writes it."""
@@ -263,7 +287,26 @@ class Coordinator:
         log.info("genesis block %s (model %s)", block.hash[:16], block.header.model_hash[:16])
         return block
 
+    def select(self, round: int) -> list[EdgeRef]:
+        """The round's trainers over the whole network, as the simulator picks them: every live edge node in data
+        share order, then fraction C of them with the run's seeded RNG."""
+        edges = sorted(self.all_edges(), key=lambda e: (e.partition_index is None, e.partition_index or 0,
+                                                        e.node_id))
+        if not edges:
+            raise RoundFailed(round, [("network", "no live edge node is registered with any super node")])
+        chosen = set(self.ctx.strategy.select(round, [e.node_id for e in edges]))
+        return [e for e in edges if e.node_id in chosen]
+
     def run_round(self, round: int) -> RoundReport:
+        """One round; the report's timings say where its wall time went (seconds):
+
+        select_s (listing edges), partials_s (announce until every SN's partial arrived: the edges' training and
+        transfers, the SNs' aggregation and the partials' transfer), combine_s, evaluate_s (global and
+        personalised evaluation), block_s (build and sign), cosign_s (peers verify and co-sign), store_s (the
+        proposer's durable write), commit_s (peers store), round_s (all), plus the slowest SN's own figures
+        (edge_train_max_s, edge_train_mean_s, transfer_max_s, sn_aggregate_s, sn_round_s).
+        """
+        started = time.perf_counter()
         tip = self.ledger.tip
         if tip is None:
             raise StaleRoundError("the chain has no genesis block yet")
@@ -273,10 +316,13 @@ class Coordinator:
         base = self.ledger.load_weights(tip.header.height)
         base_height, base_hash = tip.header.height, tip.header.model_hash
         peers = self.peers()
+        selected = [e.node_id for e in self.select(round)]
+        timings = {"select_s": time.perf_counter() - started}
+        mark = time.perf_counter()
         ann = RoundAnnouncementMsg(round=round, base_height=base_height, base_model_hash=base_hash,
-                                   proposer_id=self.ledger.key.node_id)
+                                   proposer_id=self.ledger.key.node_id, participants=selected)
         with ThreadPoolExecutor(max_workers=len(peers) + 1, thread_name_prefix="round") as pool:
-            jobs = {self.ledger.key.node_id: pool.submit(self.local, round, base_height, base_hash)}
+            jobs = {self.ledger.key.node_id: pool.submit(self.local, round, base_height, base_hash, selected)}
             for node_id, address in peers:
                 jobs[node_id] = pool.submit(_remote_partial, address, ann, base)
             partials, failures = [], []
@@ -287,140 +333,43 @@ class Coordinator:
                     why = transport.rpc_error_text(exc) if isinstance(exc, grpc.RpcError) else str(exc)
                     failures.append((sn_id, f"super node failed: {why}"))
                     log.warning("round %d: super node %s failed: %s", round, sn_id, why)
+        timings["partials_s"] = time.perf_counter() - mark
         for p in partials:
             failures.extend(p.failures)
         if not any(p.samples > 0 for p in partials):
             raise RoundFailed(round, failures)
+        slowest = max(partials, key=lambda p: p.timings.get("sn_round_s", 0.0))
+        timings.update(slowest.timings)
+        mark = time.perf_counter()
         new = {**base, **combine(partials)}
         records = sorted((r for p in partials for r in p.records), key=lambda r: r.record.trainer_id)
+        timings["combine_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         metrics = _weighted_metrics([(p.metrics, p.samples) for p in partials if p.samples > 0])
         metrics.update(self.ctx.evaluate_global(new))
         if self.ctx.personalised:
             edges = [GrpcParticipant(e.node_id, e.address) for e in self.all_edges()]
-            pers = evaluate_personalized(edges, new)
+            try:
+                pers = evaluate_personalized(edges, new)
+            finally:
+                for e in edges:
+                    e.close()
             metrics.update({f"personal_accuracy_{k}": v for k, v in pers.items() if k != "count"})
-        block, durable = self.ledger.propose(round=round, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
-                                             weights=new, records=records, metrics=integer_metrics(metrics),
-                                             timestamp_ms=self.ctx.timestamp(round))
-        durable.result()
-        self.commit([address for _, address in peers], block, records, encode_weights(new))
-        log.info("round %d: block %d %s, %d updates, %d failures", round, block.header.height, block.hash[:12],
-                 len(records), len(failures))
-        return RoundReport(round, block, metrics, len(records), failures)
+        timings["evaluate_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        block = self.ledger.build(round=round, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
+                                  weights=new, records=records, metrics=integer_metrics(metrics),
+                                  timestamp_ms=self.ctx.timestamp(round))
+        blob = encode_weights(new)
+        timings["block_s"] = time.perf_counter() - mark
+        self.commit([address for _, address in peers], block, records, blob, timings)
+        timings["round_s"] = time.perf_counter() - started
+        log.info("round %d: block %d %s, %d updates, %d failures, %.2f s", round, block.header.height,
+                 block.hash[:12], len(records), len(failures), timings["round_s"])
+        return RoundReport(round, block, metrics, len(records), failures, timings)
 
 
 def _remote_partial(address: str, ann: RoundAnnouncementMsg, base: Mapping[str, np.ndarray]) -> Partial:
     with transport.open_channel(address) as channel:
         parts = fledger_pb2_grpc.SuperNodeStub(channel).AnnounceRound(ann, timeout=DEADLINES.round)
         return read_partial(parts, ann.round, base)
-
-
-# ---------------------------------------------------------------- Admin.Train: rounds in the background
-
-@dataclass
-class TrainJob:
-    """One Train request being run: its progress messages, appended as rounds finish."""
-
-    first_round: int
-    last_round: int
-    progress: list = field(default_factory=list)   # TrainProgress messages
-    done: bool = False
-    current: int = 0                                # round in progress (0: none yet)
-
-
-class Trainer:
-    """Runs Train jobs one at a time in a background thread; Pause stops a job after its current round."""
-
-    def __init__(self, coordinator: Coordinator, ledger: Ledger, rounds_default: int, to_progress: Callable):
-        self.coordinator, self.ledger = coordinator, ledger
-        self.rounds_default = rounds_default          # Train(0): up to this total round
-        self.to_progress = to_progress                # (report | None, round, message) -> TrainProgress message
-        self._cond = threading.Condition()
-        self._job: TrainJob | None = None
-        self._thread: threading.Thread | None = None
-        self.pause_requested = False
-
-    @property
-    def training(self) -> bool:
-        with self._cond:
-            return self._job is not None and not self._job.done
-
-    @property
-    def current_round(self) -> int:
-        with self._cond:
-            if self._job is not None and not self._job.done and self._job.current:
-                return self._job.current
-        tip = self.ledger.tip
-        return tip.header.round if tip else 0
-
-    def start(self, rounds: int) -> tuple[TrainJob, bool]:
-        """Start a job of ``rounds`` rounds after the head (0: up to the configured total); (job, False) when one
-        is already running (the caller follows it)."""
-        with self._cond:
-            if self._job is not None and not self._job.done:
-                return self._job, False
-            tip = self.ledger.tip
-            head_round = tip.header.round if tip else 0
-            last = head_round + rounds if rounds else self.rounds_default
-            job = TrainJob(head_round + 1, last)
-            self._job, self.pause_requested = job, False
-            if job.first_round > job.last_round:
-                job.progress.append(self.to_progress(None, head_round, f"nothing to do: round {head_round} "
-                                                                       f"already reached {last}"))
-                job.done = True
-                return job, True
-            self._thread = threading.Thread(target=self._run, args=(job,), name="train", daemon=True)
-            self._thread.start()
-            return job, True
-
-    def pause(self) -> None:
-        with self._cond:
-            self.pause_requested = True
-
-    def follow(self, job: TrainJob, alive: Callable[[], bool] = lambda: True) -> Iterator:
-        """Yield the job's progress messages from the first until it is done (or the caller went away)."""
-        sent = 0
-        while alive():
-            with self._cond:
-                while sent == len(job.progress) and not job.done:
-                    self._cond.wait(timeout=1.0)
-                    if not alive():
-                        return
-                batch = job.progress[sent:]
-                finished = job.done
-            yield from batch
-            sent += len(batch)
-            if finished and sent == len(job.progress):
-                return
-
-    def join(self, timeout: float | None = None) -> None:
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-
-    def _run(self, job: TrainJob) -> None:
-        try:
-            for rnd in range(job.first_round, job.last_round + 1):
-                with self._cond:
-                    if self.pause_requested:
-                        job.progress.append(self.to_progress(None, rnd - 1, f"paused after round {rnd - 1}"))
-                        break
-                    job.current = rnd
-                try:
-                    report = self.coordinator.run_round(rnd)
-                except (RoundFailed, NetError) as exc:
-                    log.error("round %d failed: %s", rnd, exc)
-                    with self._cond:
-                        job.progress.append(self.to_progress(None, rnd, f"round {rnd} failed: {exc}"))
-                    break
-                with self._cond:
-                    job.progress.append(self.to_progress(report, rnd, ""))
-                    self._cond.notify_all()
-        except Exception as exc:  # a bug must not leave followers waiting forever
-            log.exception("training stopped")
-            with self._cond:
-                job.progress.append(self.to_progress(None, job.current, f"training stopped: {exc}"))
-        finally:
-            with self._cond:
-                job.done = True
-                self._cond.notify_all()

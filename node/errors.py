@@ -28,3 +28,7 @@ class DeadNodeError(NetError):
 
 class StaleRoundError(NetError):
     """A round number at or below one already seen, or a block not at the expected height."""
+
+
+class NoMajorityError(DeadNodeError):
+    """A proposed block was co-signed by too few super nodes to be final; nobody stored it."""

@@ -15,14 +15,17 @@ log = logging.getLogger(__name__)
 READY_FILE = "node.json"
 
 
-def _advertise_host(cfg: Config) -> str:
-    """The host peers use: --advertise's host, else the bind address (never guessed from an outside host)."""
+def _advertise(cfg: Config) -> tuple[str, int | None]:
+    """(host, port) peers use: --advertise's, else the bind address and the bound port (port None). Never guessed
+    by contacting an outside host. The port matters behind port mapping (docker -p 9000:8080)."""
     if cfg.advertise:
-        host, _, _port = cfg.advertise.rpartition(":")
-        return host or cfg.advertise
+        host, _, port = cfg.advertise.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"--advertise must be HOST:PORT, got {cfg.advertise!r}")
+        return host, int(port)
     if cfg.ip in ("0.0.0.0", "::", ""):
         raise ValueError("binding all interfaces needs --advertise HOST:PORT so peers know where to reach this node")
-    return cfg.ip
+    return cfg.ip, None
 
 
 def build_node(cfg: Config):
@@ -32,7 +35,7 @@ def build_node(cfg: Config):
     from node.setup import configure_torch
 
     listen = f"{cfg.ip}:{cfg.port}"
-    host = _advertise_host(cfg)
+    host, advertised_port = _advertise(cfg)
     Path(cfg.data_root).mkdir(parents=True, exist_ok=True)
     if cfg.node_type == "SN":
         from node.supernode import SuperNode
@@ -41,23 +44,35 @@ def build_node(cfg: Config):
         configure_torch(cfg)
         ledger = Ledger.open(cfg.data_root, cfg.db)
         return SuperNode(ledger.key, ledger, listen, entry=None if cfg.is_entry else cfg.entry,
-                         advertise_host=host, capacity=cfg.max_edges_per_sn, heartbeat_interval=cfg.heartbeat_s,
+                         advertise_host=host, advertise_port=advertised_port, capacity=cfg.max_edges_per_sn, heartbeat_interval=cfg.heartbeat_s,
                          missed_beats=max(2, round(cfg.dead_after_s / cfg.heartbeat_s)), cfg=cfg)
-    from node.edge import EdgeNode, edge_participant
+    from node.edge import PERSONAL_FILE, EdgeHost, EdgeNode, edge_participants, restore_personal
     if not cfg.entry:
         raise ValueError("an edge node needs --entry HOST:PORT of the entry super node")
     device = configure_torch(cfg)
-    key = NodeKey.load_or_create(Path(cfg.data_root) / KEY_FILE)
-    participant = edge_participant(cfg, key.node_id, device=device)
-    return EdgeNode(key, participant, listen, cfg.entry, advertise_host=host,
-                    samples=participant.num_train_samples, heartbeat_interval=cfg.heartbeat_s,
-                    partition_index=cfg.partition_index)
+    shares = range(cfg.partition_index, cfg.partition_index + cfg.hosted_edges)
+    # One edge node keeps the data root itself; a host gives each of its nodes DATA_ROOT/edge-<share>.
+    roots = [Path(cfg.data_root)] if cfg.hosted_edges == 1 else [Path(cfg.data_root) / f"edge-{i}" for i in shares]
+    keys = []
+    for root in roots:
+        root.mkdir(parents=True, exist_ok=True)
+        keys.append(NodeKey.load_or_create(root / KEY_FILE))
+    participants = edge_participants(cfg, [k.node_id for k in keys], device=device)
+    nodes = []
+    for i, (root, key, participant) in enumerate(zip(roots, keys, participants)):
+        restore_personal(participant, root / PERSONAL_FILE)
+        port = cfg.port + i if cfg.port else 0
+        nodes.append(EdgeNode(key, participant, f"{cfg.ip}:{port}", cfg.entry, advertise_host=host,
+                              advertise_port=advertised_port + i if advertised_port else None,
+                              samples=participant.num_train_samples, heartbeat_interval=cfg.heartbeat_s,
+                              partition_index=shares[i], personal_file=root / PERSONAL_FILE))
+    return nodes[0] if len(nodes) == 1 else EdgeHost(nodes)
 
 
 def write_ready(cfg: Config, node) -> None:
     """Tell whoever started us (the cluster command, a test) where we serve: DATA_ROOT/node.json, atomically."""
     info = {"address": node.address, "node_id": node.key.node_id, "type": cfg.node_type,
-            "entry": cfg.is_entry, "pid": os.getpid()}
+            "entry": cfg.is_entry, "pid": os.getpid(), "addresses": getattr(node, "addresses", [node.address])}
     path = Path(cfg.data_root) / READY_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(info))
@@ -73,7 +88,8 @@ def run_node(cfg: Config) -> int:
     write_ready(cfg, node)
     role = "entry super node" if cfg.node_type == "SN" and cfg.is_entry else \
         "super node" if cfg.node_type == "SN" else "edge node"
-    print(f"{role} {node.key.node_id} serving on {node.address}", flush=True)
+    for n in getattr(node, "nodes", [node]):
+        print(f"{role} {n.key.node_id} serving on {n.address}", flush=True)
     try:
         while not stop.wait(0.5):
             pass

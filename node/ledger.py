@@ -46,7 +46,7 @@ class Ledger:
         self.key = key
         self.checkpoint_path = checkpoint_path
         self.writer = BackgroundWriter()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # propose holds it around build
         self._tip: Tip | None = None
         head = store.head()
         if head is not None:
@@ -81,6 +81,22 @@ class Ledger:
 
     # ---- proposing ------------------------------------------------------------------------------------------
 
+    def build(self, *, round: int, algorithm: str, params: dict[str, Any], weights: dict[str, np.ndarray],
+              records: list[SignedRecord], metrics: dict[str, int], timestamp_ms: int,
+              new_model_hash: str | None = None) -> SignedBlock:
+        """Build and sign the block that would extend the tip, without adding it (see ``accept``).
+
+        A proposer that needs co-signatures first builds, collects them, then accepts: its ledger never holds
+        a block the other super nodes did not agree to.
+        """
+        with self._lock:
+            tip = self._tip
+        header = build_header(prev=tip.header if tip else None, prev_hash=tip.hash if tip else None,
+                              timestamp_ms=timestamp_ms, round=round, algorithm=algorithm, params=params,
+                              model_hash=new_model_hash or model_hash(weights), records=records,
+                              metrics=metrics, proposer=self.key)
+        return SignedBlock.create(header, self.key)
+
     def propose(self, *, round: int, algorithm: str, params: dict[str, Any], weights: dict[str, np.ndarray],
                 records: list[SignedRecord], metrics: dict[str, int], timestamp_ms: int,
                 client_state: dict[str, bytes] | None = None,
@@ -90,13 +106,9 @@ class Ledger:
         Returns the block at once and a future that resolves when it is durable.
         """
         with self._lock:
-            tip = self._tip
-            header = build_header(prev=tip.header if tip else None, prev_hash=tip.hash if tip else None,
-                                  timestamp_ms=timestamp_ms, round=round, algorithm=algorithm, params=params,
-                                  model_hash=new_model_hash or model_hash(weights), records=records,
-                                  metrics=metrics, proposer=self.key)
-            block = SignedBlock.create(header, self.key)
-            self._tip = Tip(header, block.hash)
+            block = self.build(round=round, algorithm=algorithm, params=params, weights=weights, records=records,
+                               metrics=metrics, timestamp_ms=timestamp_ms, new_model_hash=new_model_hash)
+            self._tip = Tip(block.header, block.hash)
         # Encode now, not on the writer thread: the caller may reuse its arrays once we return.
         blob = encode_weights(weights)
         future = self.writer.submit(self._write, block, records, lambda: blob, (), client_state)

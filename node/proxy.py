@@ -4,6 +4,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -33,6 +34,7 @@ class GrpcParticipant:
         self.deadlines = deadlines
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
+        self.last_fit: tuple[float, float] | None = None   # (Fit call seconds, of which the EN trained), last fit
 
     @property
     def stub(self) -> fledger_pb2_grpc.EdgeNodeStub:
@@ -55,6 +57,7 @@ class GrpcParticipant:
             for chunk in transport.send_weights(weights):
                 yield FitRequestMsg(weights=chunk)
 
+        started = time.perf_counter()
         try:
             replies = self.stub.Fit(requests(), timeout=self.deadlines.fit)
             first = next(replies, None)
@@ -69,6 +72,7 @@ class GrpcParticipant:
         except BadRequestError as exc:
             raise RemoteError(f"{self.participant_id} sent a bad answer: {exc}") from exc
         self._check_receipt(record.record, ins, base_hash, got, summary.samples)
+        self.last_fit = (time.perf_counter() - started, max(0.0, summary.train_s))
         return FitRes(weights=got, samples=int(summary.samples), metrics=metrics, receipt=record)
 
     def _check_receipt(self, rec, ins: FitIns, base_hash: str, got: dict[str, np.ndarray], samples: int) -> None:

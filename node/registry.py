@@ -15,6 +15,8 @@ from node.errors import BadRequestError, DeadNodeError, NoCapacityError, StaleRo
 
 log = logging.getLogger(__name__)
 
+MAX_DEAD_LISTED = 256   # dropped members remembered for getSN(); older ones are forgotten
+
 
 @dataclass(frozen=True)
 class Member:
@@ -43,6 +45,7 @@ class Membership:
         self._clock = clock
         self._lock = threading.Lock()
         self._members: dict[str, Member] = {}
+        self._dead: dict[str, Member] = {}   # dropped members, listed as dead until they register again
 
     @property
     def timeout(self) -> float:
@@ -63,6 +66,7 @@ class Membership:
             member = Member(node_id, public_key, address, capacity, samples,
                             known.load if known else 0, self._clock())
             self._members[node_id] = member
+            self._dead.pop(node_id, None)
         if known is None:
             log.info("%s %s registered at %s", self.kind, node_id, address)
         return member
@@ -86,7 +90,9 @@ class Membership:
             return self._members[node_id]
 
     def remove(self, node_id: str) -> None:
+        """Forget a member entirely (it is not listed as dead)."""
         with self._lock:
+            self._dead.pop(node_id, None)
             if self._members.pop(node_id, None) is None:
                 raise UnknownNodeError(f"unknown {self.kind} {node_id}")
 
@@ -95,6 +101,16 @@ class Membership:
         with self._lock:
             self._prune_locked()
             return sorted(self._members.values(), key=lambda m: m.node_id)
+
+    def listing(self, include_dead: bool = False) -> list[tuple[Member, bool, float]]:
+        """(member, alive, seconds since last heard) for the live members and, when asked, the dropped ones."""
+        with self._lock:
+            self._prune_locked()
+            now = self._clock()
+            rows = [(m, True, now - m.last_seen) for m in self._members.values()]
+            if include_dead:
+                rows += [(m, False, now - m.last_seen) for m in self._dead.values()]
+        return sorted(rows, key=lambda row: (not row[1], row[0].node_id))
 
     def prune(self) -> list[Member]:
         """Drop members silent for longer than the timeout; return them."""
@@ -109,6 +125,9 @@ class Membership:
         dead = [m for m in self._members.values() if now - m.last_seen > self.timeout]
         for member in dead:
             del self._members[member.node_id]
+            self._dead[member.node_id] = member
+            while len(self._dead) > MAX_DEAD_LISTED:   # the oldest drops off the list
+                del self._dead[next(iter(self._dead))]
             log.warning("%s %s dropped: silent for %.1f s", self.kind, member.node_id, now - member.last_seen)
         return dead
 

@@ -162,7 +162,8 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
         result = {"rounds": tip.header.round, "rounds_run": len(rows),
                   "final_accuracy": rows[-1].get("accuracy") if rows else None,
                   "wall_s": round(time.perf_counter() - started, 3), "head_height": tip.header.height,
-                  "head_hash": tip.hash, "db": ledger.store.url, "dataset": fed.dataset.source, "algo": cfg.algo}
+                  "head_hash": tip.hash, "db": ledger.store.url, "dataset": fed.dataset.source, "algo": cfg.algo,
+                  "round_seconds": [row["seconds"] for row in rows]}
         if rows and fed.personal_keys:
             result["final_personal_accuracy_mean"] = rows[-1].get("personal_accuracy_mean")
         if out_dir:

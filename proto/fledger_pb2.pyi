@@ -97,14 +97,26 @@ class HeartbeatReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberEntry(_message.Message):
-    __slots__ = ("info", "load", "alive")
+    __slots__ = ("info", "load", "alive", "role", "parent_id", "silent_s")
     INFO_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SILENT_S_FIELD_NUMBER: _ClassVar[int]
     info: NodeInfo
     load: int
     alive: bool
-    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., load: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
+    role: str
+    parent_id: str
+    silent_s: float
+    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., load: _Optional[int] = ..., alive: _Optional[bool] = ..., role: _Optional[str] = ..., parent_id: _Optional[str] = ..., silent_s: _Optional[float] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ("include_dead",)
+    INCLUDE_DEAD_FIELD_NUMBER: _ClassVar[int]
+    include_dead: bool
+    def __init__(self, include_dead: _Optional[bool] = ...) -> None: ...
 
 class MemberList(_message.Message):
     __slots__ = ("members",)
@@ -113,16 +125,18 @@ class MemberList(_message.Message):
     def __init__(self, members: _Optional[_Iterable[_Union[MemberEntry, _Mapping]]] = ...) -> None: ...
 
 class RoundAnnouncement(_message.Message):
-    __slots__ = ("round", "base_height", "base_model_hash", "proposer_id")
+    __slots__ = ("round", "base_height", "base_model_hash", "proposer_id", "participants")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     PROPOSER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     base_height: int
     base_model_hash: str
     proposer_id: str
-    def __init__(self, round: _Optional[int] = ..., base_height: _Optional[int] = ..., base_model_hash: _Optional[str] = ..., proposer_id: _Optional[str] = ...) -> None: ...
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., base_height: _Optional[int] = ..., base_model_hash: _Optional[str] = ..., proposer_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("node_id", "reason")
@@ -133,8 +147,15 @@ class Failure(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PartialHeader(_message.Message):
-    __slots__ = ("round", "sn_id", "samples", "failures", "metrics")
+    __slots__ = ("round", "sn_id", "samples", "failures", "metrics", "timings")
     class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -146,12 +167,14 @@ class PartialHeader(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     round: int
     sn_id: str
     samples: int
     failures: _containers.RepeatedCompositeFieldContainer[Failure]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., sn_id: _Optional[str] = ..., samples: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    timings: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., sn_id: _Optional[str] = ..., samples: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PartialPart(_message.Message):
     __slots__ = ("header", "record", "weights")
@@ -242,8 +265,15 @@ class TrainRequest(_message.Message):
     def __init__(self, rounds: _Optional[int] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("round", "height", "block_hash", "participants", "failures", "metrics", "message")
+    __slots__ = ("round", "height", "block_hash", "participants", "failures", "metrics", "message", "timings")
     class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +287,7 @@ class TrainProgress(_message.Message):
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     round: int
     height: int
     block_hash: str
@@ -264,7 +295,8 @@ class TrainProgress(_message.Message):
     failures: int
     metrics: _containers.ScalarMap[str, float]
     message: str
-    def __init__(self, round: _Optional[int] = ..., height: _Optional[int] = ..., block_hash: _Optional[str] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ...) -> None: ...
+    timings: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., height: _Optional[int] = ..., block_hash: _Optional[str] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class EvalReply(_message.Message):
     __slots__ = ("loss", "accuracy", "samples", "edges", "edge_accuracy_mean", "edge_accuracy_min", "edge_accuracy_max")
@@ -341,7 +373,7 @@ class FitRequest(_message.Message):
     def __init__(self, ins: _Optional[_Union[FitIns, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ...) -> None: ...
 
 class FitSummary(_message.Message):
-    __slots__ = ("samples", "metrics", "record")
+    __slots__ = ("samples", "metrics", "record", "train_s")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -352,10 +384,12 @@ class FitSummary(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_S_FIELD_NUMBER: _ClassVar[int]
     samples: int
     metrics: _containers.ScalarMap[str, float]
     record: SignedRecord
-    def __init__(self, samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ...) -> None: ...
+    train_s: float
+    def __init__(self, samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., train_s: _Optional[float] = ...) -> None: ...
 
 class FitReply(_message.Message):
     __slots__ = ("summary", "weights")

@@ -44,7 +44,7 @@ class RegistryStub:
                 _registered_method=True)
         self.ListSuperNodes = channel.unary_unary(
                 '/fledger.v1.Registry/ListSuperNodes',
-                request_serializer=fledger__pb2.Empty.SerializeToString,
+                request_serializer=fledger__pb2.ListRequest.SerializeToString,
                 response_deserializer=fledger__pb2.MemberList.FromString,
                 _registered_method=True)
         self.AssignSuperNode = channel.unary_unary(
@@ -100,7 +100,7 @@ def add_RegistryServicer_to_server(servicer, server):
             ),
             'ListSuperNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSuperNodes,
-                    request_deserializer=fledger__pb2.Empty.FromString,
+                    request_deserializer=fledger__pb2.ListRequest.FromString,
                     response_serializer=fledger__pb2.MemberList.SerializeToString,
             ),
             'AssignSuperNode': grpc.unary_unary_rpc_method_handler(
@@ -169,7 +169,7 @@ class Registry:
             request,
             target,
             '/fledger.v1.Registry/ListSuperNodes',
-            fledger__pb2.Empty.SerializeToString,
+            fledger__pb2.ListRequest.SerializeToString,
             fledger__pb2.MemberList.FromString,
             options,
             channel_credentials,
@@ -286,6 +286,11 @@ class SuperNodeStub:
                 request_serializer=fledger__pb2.Height.SerializeToString,
                 response_deserializer=fledger__pb2.WeightsChunk.FromString,
                 _registered_method=True)
+        self.ListEdges = channel.unary_unary(
+                '/fledger.v1.SuperNode/ListEdges',
+                request_serializer=fledger__pb2.ListRequest.SerializeToString,
+                response_deserializer=fledger__pb2.MemberList.FromString,
+                _registered_method=True)
 
 
 class SuperNodeServicer:
@@ -344,6 +349,13 @@ class SuperNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEdges(self, request, context):
+        """This SN's edge nodes (role "edge", parent_id = this SN), for getSN() and the proposer's client selection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SuperNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -386,6 +398,11 @@ def add_SuperNodeServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=fledger__pb2.Height.FromString,
                     response_serializer=fledger__pb2.WeightsChunk.SerializeToString,
+            ),
+            'ListEdges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEdges,
+                    request_deserializer=fledger__pb2.ListRequest.FromString,
+                    response_serializer=fledger__pb2.MemberList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -615,6 +632,33 @@ class SuperNode:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListEdges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fledger.v1.SuperNode/ListEdges',
+            fledger__pb2.ListRequest.SerializeToString,
+            fledger__pb2.MemberList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Served by every super node for the console.
@@ -703,7 +747,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListNodes(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every SN (entry: including dead ones) and, under each live SN, its edge nodes.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

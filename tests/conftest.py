@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import tempfile
 import uuid
@@ -225,3 +226,10 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

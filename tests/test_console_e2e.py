@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import os
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import raw_connection, wait_until
+from conftest import free_port, raw_connection, wait_until
 from sqlalchemy import text
 
 from chain.keys import NodeKey
@@ -108,12 +107,6 @@ def run_console(port: int, script: str | None, cwd: Path, stdin: str | None = No
         args += ["-c", script]
     return subprocess.run(args, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=RUN_TIMEOUT,
                           env={**os.environ, "HOME": str(cwd)})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- -c scripts

@@ -14,15 +14,17 @@ from chain.tensors import encode_weights, model_hash
 from chain.verify import verify_chain
 from node import sync, transport
 from node.edge import EdgeNode
+from node.errors import NoMajorityError
 from node.ledger import Ledger
 from node.supernode import SuperNode, propose_and_commit
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import Empty as EmptyMsg
 from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
 from proto.fledger_pb2 import Height as HeightMsg
+from proto.fledger_pb2 import ListRequest as ListRequestMsg
 from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
 
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 WEIGHTS = {"w": np.arange(6, dtype=np.float32)}
 
@@ -61,9 +63,8 @@ def test_block_is_cosigned_and_committed_by_a_peer_and_synced_by_a_late_joiner(e
         new = {"w": WEIGHTS["w"] + 1}
         record = SignedRecord.create(UpdateRecord(1, trainer.node_id, trainer.public_hex, model_hash(WEIGHTS),
                                                   model_hash(new), 5, {}), trainer)
-        block, durable = entry.ledger.propose(round=1, algorithm="fedavg", params={}, weights=new,
-                                              records=[record], metrics={}, timestamp_ms=1)
-        durable.result()
+        block = entry.ledger.build(round=1, algorithm="fedavg", params={}, weights=new, records=[record],
+                                   metrics={}, timestamp_ms=1)
 
         cosigs = propose_and_commit(entry.ledger, entry.peers(), block, [record], encode_weights(new))
         peer.ledger.flush()
@@ -82,6 +83,23 @@ def test_block_is_cosigned_and_committed_by_a_peer_and_synced_by_a_late_joiner(e
             if sn is not None:
                 sn.stop(None)
                 sn.ledger.close()
+
+
+def test_a_block_without_a_majority_of_cosignatures_is_stored_nowhere(entry) -> None:
+    genesis(entry)
+    head = entry.ledger.tip
+    new = {"w": WEIGHTS["w"] + 1}
+    block = entry.ledger.build(round=1, algorithm="fedavg", params={}, weights=new, records=[], metrics={},
+                               timestamp_ms=1)
+    dead_peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]   # nothing listens there
+
+    with pytest.raises(NoMajorityError, match="1 of 3 co-signatures"):
+        propose_and_commit(entry.ledger, dead_peers, block, [], encode_weights(new))
+
+    entry.ledger.flush()
+    assert entry.ledger.tip == head
+    assert entry.ledger.store.head().height == 0
+    assert entry.ledger.verify().head_hash == head.hash
 
 
 def test_tampered_block_is_refused_with_invalid_argument(entry, tmp_path) -> None:
@@ -146,7 +164,7 @@ def test_registry_refuses_taken_id_and_unknown_heartbeat(entry) -> None:
             stub.RegisterSuperNode(taken, timeout=5)
         with pytest.raises(grpc.RpcError) as unknown_err:
             stub.Heartbeat(HeartbeatRequestMsg(node_id=other.node_id), timeout=5)
-        still = stub.ListSuperNodes(EmptyMsg(), timeout=5)
+        still = stub.ListSuperNodes(ListRequestMsg(), timeout=5)
 
     assert taken_err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert unknown_err.value.code() == grpc.StatusCode.NOT_FOUND and "register again" in unknown_err.value.details()
