@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import time
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.keys import NodeKey
 from node import serde, sync, transport
-from node.errors import NoMajorityError
+from node.errors import BadRequestError, NoMajorityError
 from node.ledger import Ledger
 from node.options import DEADLINES
 from proto import fledger_pb2_grpc
@@ -24,27 +26,35 @@ from proto.fledger_pb2 import CommitRequest as CommitRequestMsg
 log = logging.getLogger(__name__)
 
 
+def _ask_cosign(peer: str, block: SignedBlock, records: list[SignedRecord], blob: bytes) -> Cosignature | None:
+    header = block.header
+    try:
+        with transport.open_channel(peer) as channel:
+            reply = fledger_pb2_grpc.SuperNodeStub(channel).ProposeBlock(
+                sync.block_parts(block, records, blob, header.model_hash), timeout=DEADLINES.block)
+        cosig = serde.cosig_from_msg(reply)
+    except grpc.RpcError as exc:
+        log.warning("peer %s refused block %d: %s", peer, header.height, transport.rpc_error_text(exc))
+        return None
+    except BadRequestError as exc:
+        log.warning("peer %s answered block %d with a malformed co-signature: %s", peer, header.height, exc)
+        return None
+    if not cosig.valid_for(header.height, block.hash):
+        log.warning("peer %s returned an invalid co-signature for block %d", peer, header.height)
+        return None
+    return cosig
+
+
 def collect_cosignatures(key: NodeKey, peers: list[str], block: SignedBlock, records: list[SignedRecord],
                          blob: bytes) -> list[Cosignature]:
-    """The proposer's co-signature plus every valid one the peers return; NoMajorityError without a majority.
-
-    Peers that refuse (a bad block, a dead node) are logged and counted as not signing.
-    """
+    """The proposer's co-signature plus every valid one the peers return (asked in parallel); NoMajorityError
+    without a strict majority. Peers that refuse (a bad block, a dead node) are logged and count as not signing."""
     header = block.header
     cosigs = [Cosignature.create(header.height, block.hash, key)]
-    for peer in peers:
-        try:
-            with transport.open_channel(peer) as channel:
-                reply = fledger_pb2_grpc.SuperNodeStub(channel).ProposeBlock(
-                    sync.block_parts(block, records, blob, header.model_hash), timeout=DEADLINES.block)
-            cosig = serde.cosig_from_msg(reply)
-        except grpc.RpcError as exc:
-            log.warning("peer %s refused block %d: %s", peer, header.height, transport.rpc_error_text(exc))
-            continue
-        if cosig.valid_for(header.height, block.hash):
-            cosigs.append(cosig)
-        else:
-            log.warning("peer %s returned an invalid co-signature for block %d", peer, header.height)
+    if peers:
+        with ThreadPoolExecutor(max_workers=min(len(peers), 16), thread_name_prefix="cosign") as pool:
+            answers = list(pool.map(lambda peer: _ask_cosign(peer, block, records, blob), peers))
+        cosigs += [c for c in answers if c is not None]
     total = len(peers) + 1
     if len(cosigs) * 2 <= total:
         raise NoMajorityError(f"block {header.height} got {len(cosigs)} of {total} co-signatures; no majority, "
@@ -52,17 +62,22 @@ def collect_cosignatures(key: NodeKey, peers: list[str], block: SignedBlock, rec
     return cosigs
 
 
+def _commit(peer: str, request: CommitRequestMsg) -> None:
+    try:
+        with transport.open_channel(peer) as channel:
+            fledger_pb2_grpc.SuperNodeStub(channel).CommitBlock(request, timeout=DEADLINES.block)
+    except grpc.RpcError as exc:
+        log.warning("peer %s did not commit block %d: %s", peer, request.height, transport.rpc_error_text(exc))
+
+
 def commit_to_peers(peers: list[str], block: SignedBlock, cosigs: list[Cosignature]) -> None:
-    """Tell every peer the block is final; one that fails catches up by syncing before its next round."""
+    """Tell every peer (in parallel) the block is final; each answers once it stored the block durably. One that
+    fails catches up by syncing from the entry before its next round."""
     request = CommitRequestMsg(height=block.header.height, hash=block.hash,
                                cosignatures=[serde.cosig_to_msg(c) for c in cosigs])
-    for peer in peers:
-        try:
-            with transport.open_channel(peer) as channel:
-                fledger_pb2_grpc.SuperNodeStub(channel).CommitBlock(request, timeout=DEADLINES.block)
-        except grpc.RpcError as exc:
-            log.warning("peer %s did not commit block %d: %s", peer, block.header.height,
-                        transport.rpc_error_text(exc))
+    if peers:
+        with ThreadPoolExecutor(max_workers=min(len(peers), 16), thread_name_prefix="commit") as pool:
+            list(pool.map(lambda peer: _commit(peer, request), peers))
 
 
 def propose_and_commit(ledger: Ledger, peers: list[str], block: SignedBlock, records: list[SignedRecord],

@@ -9,9 +9,10 @@ from chain.block import Cosignature
 from chain.keys import NodeKey
 from node import serde, sync, transport
 from node.coordinator import EdgeRef, Partial, partial_parts
-from node.errors import BadRequestError, StaleRoundError, UnknownNodeError
+from node.errors import BadRequestError, DeadNodeError, StaleRoundError, UnknownNodeError
 from node.ledger import Ledger
 from node.registry import Member, Membership, SuperNodeRegistry
+from storage.store import StoreError
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import CommitReply as CommitReplyMsg
 from proto.fledger_pb2 import Head as HeadMsg
@@ -146,7 +147,11 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
             raise BadRequestError(f"commit needs valid co-signatures; bad or missing: {bad or 'none given'}")
         incoming.cosignatures = cosigs
         sync.verify_incoming(self.ledger.tip, incoming)   # the tip may have moved since it was co-signed
-        self.ledger.accept(incoming.block, incoming.records, incoming.weights_blob, cosigs)
+        durable = self.ledger.accept(incoming.block, incoming.records, incoming.weights_blob, cosigs)
+        try:
+            durable.result()   # answer only once the block is stored: the proposer counts on it being final here
+        except StoreError as exc:
+            raise DeadNodeError(f"block {request.height} could not be stored here: {exc}") from exc
         with self._lock:
             # Drop this block and any other proposal for the same height: only one can ever extend the chain.
             self._pending = {h: b for h, b in self._pending.items()

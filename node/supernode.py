@@ -17,7 +17,8 @@ from config import Config
 from node import sync, transport
 from node.admin import AdminServicer, progress_msg
 from node.consensus import propose_and_commit
-from node.coordinator import Coordinator, EdgeRef, Partial, RunContext, train_partial
+from node.context import RunContext
+from node.coordinator import Coordinator, EdgeRef, Partial, train_partial
 from node.errors import BadRequestError, StaleRoundError, UnknownNodeError
 from node.ledger import Ledger
 from node.options import DEADLINES

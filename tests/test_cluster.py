@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_cluster_command_trains_and_every_chain_verifies_with_equal_heads(tmp_path):
     proc = subprocess.run([sys.executable, "main.py", "cluster", "--sn", "2", "--en", "4", "--rounds", "2",
-                           "--model", "2nn", "--data-root", str(tmp_path), "--json"],
+                           "--model", "2nn", "--en-per-process", "2", "--data-root", str(tmp_path), "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=400)
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

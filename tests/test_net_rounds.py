@@ -20,6 +20,7 @@ from node.edge import EdgeNode, edge_participant
 from node.ledger import Ledger
 from node.setup import configure_torch
 from node.simulator import simulate
+from fl.strategy import FedAvg
 from node.supernode import SuperNode
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import Empty as EmptyMsg
@@ -56,9 +57,9 @@ class Flaky:
 
 
 class Network:
-    def __init__(self, root: Path, supernodes: int, edges: int):
+    def __init__(self, root: Path, supernodes: int, edges: int, **over):
         self.root = root
-        self.cfg = config(root / "entry")
+        self.cfg = config(root / "entry", **over)
         configure_torch(self.cfg)
         self.sns: list[SuperNode] = []
         self.ens: list[EdgeNode] = []
@@ -77,11 +78,11 @@ class Network:
             self.ens.append(en)
         assert wait_until(lambda: sum(len(sn.edges) for sn in self.sns) == edges, timeout=15.0), "edge nodes did not join"
 
-    def make_sn(self, name: str, entry: str | None) -> SuperNode:
+    def make_sn(self, name: str, entry: str | None, listen: str = "127.0.0.1:0") -> SuperNode:
         key = NodeKey.from_seed(name.encode())
         ledger = Ledger.open(self.root / name, key=key)
         cfg = dataclasses.replace(self.cfg, data_root=str(self.root / name), is_entry=entry is None)
-        sn = SuperNode(key, ledger, "127.0.0.1:0", entry=entry, heartbeat_interval=BEAT, cfg=cfg)
+        sn = SuperNode(key, ledger, listen, entry=entry, heartbeat_interval=BEAT, cfg=cfg)
         sn.start()
         return sn
 
@@ -235,3 +236,42 @@ def test_one_supernode_with_four_edges_gives_the_simulators_model_hashes(tmp_pat
 
     assert net_params == sim_params
     assert net_models == sim_models
+
+
+def test_fraction_selects_clients_across_the_whole_network_as_the_simulator_does(tmp_path) -> None:
+    network = Network(tmp_path / "net", supernodes=2, edges=4, fraction=0.25)
+    try:
+        assert sorted(len(sn.edges) for sn in network.sns) == [2, 2]
+        progress = network.train(3)
+        trainers = [[r.record.trainer_id for r in network.entry.ledger.get_block(h)[1]] for h in (1, 2, 3)]
+    finally:
+        network.close()
+    share = {en.key.node_id: i for i, en in enumerate(network.ens)}
+    expected = [FedAvg(fraction=0.25, seed=0).select(rnd, ["0", "1", "2", "3"]) for rnd in (1, 2, 3)]
+
+    # One client of four per round over both super nodes (selection per SN would give one per SN: two).
+    assert [p.participants for p in progress] == [1, 1, 1]
+    assert [[str(share[t]) for t in ts] for ts in trainers] == expected
+
+
+def test_an_entry_restarted_on_its_data_directory_resumes_from_its_head(tmp_path) -> None:
+    network = Network(tmp_path / "net", supernodes=1, edges=2)
+    try:
+        network.train(1)
+        before = network.entry.ledger.tip
+        port = network.entry.port
+        network.entry.stop(None)
+        network.entry.ledger.close()
+
+        network.sns[0] = network.make_sn("entry", entry=None, listen=f"127.0.0.1:{port}")
+        resumed = network.entry.ledger.tip
+        assert (resumed.hash, resumed.header.model_hash) == (before.hash, before.header.model_hash)
+        assert wait_until(lambda: len(network.entry.edges) == 2, timeout=15.0), "edges did not re-join"
+        progress = network.train(1)
+        network.entry.ledger.flush()
+        block, _ = network.entry.ledger.get_block(2)
+    finally:
+        network.close()
+
+    assert [p.round for p in progress] == [2] and progress[0].participants == 2
+    assert block.header.prev_hash == before.hash and block.header.base_model_hash == before.header.model_hash
