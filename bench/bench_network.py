@@ -16,27 +16,17 @@ the entry's own timings of each round (see node/coordinator.py Coordinator.run_r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_simulate import run   # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MYSQL = "mysql+pymysql://root:@127.0.0.1:3306/fledger_bench_net?charset=utf8mb4"
 BREAKDOWN = ("edge_train_max_s", "transfer_max_s", "sn_aggregate_s", "combine_s", "evaluate_s", "block_s",
              "cosign_s", "store_s", "commit_s", "select_s")
-
-
-def run(cmd: list[str]) -> tuple[float, dict]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-1500:]}\n{proc.stderr[-2000:]}")
-    return wall, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def median(values) -> float:

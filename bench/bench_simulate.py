@@ -23,11 +23,12 @@ DEFAULT_MYSQL = "mysql+pymysql://root:@127.0.0.1:3306/fledger_bench_w1?charset=u
 
 
 def run(cmd: list[str]) -> tuple[float, dict]:
+    """Run a command from the repository root; (wall seconds, the JSON object on its last output line)."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-1500:]}\n{proc.stderr[-2000:]}")
     return wall, json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -236,9 +236,10 @@ def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[s
         height, head = check_chains([n.address for n in nodes if n.name.startswith("sn")])
         emit(f"all {supernodes} chains verify; head height {height} hash {head}")
         final = next((dict(p.metrics) for p in reversed(progress) if p.block_hash), {})
-        return {"round_timings": [dict(p.timings) for p in progress if p.block_hash],
-                "peak_rss_mib": {n.name: _peak_rss_mib(n.popen.pid) for n in nodes}, "supernodes": supernodes, "edges": edges, "rounds": rounds, "head_height": height,
+        return {"supernodes": supernodes, "edges": edges, "rounds": rounds, "head_height": height,
                 "head_hash": head, "final_accuracy": final.get("accuracy"),
+                "round_timings": [dict(p.timings) for p in progress if p.block_hash],
+                "peak_rss_mib": {n.name: _peak_rss_mib(n.popen.pid) for n in nodes},
                 "wall_s": round(time.perf_counter() - started, 3), "root": str(root)}
     except grpc.RpcError as exc:
         raise ClusterError(transport.rpc_error_text(exc)) from exc

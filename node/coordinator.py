@@ -70,7 +70,8 @@ def train_partial(sn_id: str, round: int, weights: dict[str, np.ndarray], edges:
     index, as the simulator's client of that index gets it."""
     ordered = sorted(edges, key=lambda e: (e.partition_index is None, e.partition_index or 0, e.node_id))
     if selected is not None:
-        ordered = [e for e in ordered if e.node_id in set(selected)]
+        wanted = set(selected)
+        ordered = [e for e in ordered if e.node_id in wanted]
     if not ordered:
         return Partial(sn_id, round, 0, None, failures=[])
     participants = [GrpcParticipant(e.node_id, e.address) for e in ordered]
@@ -273,6 +274,9 @@ class Coordinator:
         timings["partials_s"] = time.perf_counter() - mark
         for p in partials:
             failures.extend(p.failures)
+        accounted = {r.record.trainer_id for p in partials for r in p.records} | {node_id for node_id, _ in failures}
+        failures += [(node_id, "selected, but no live super node had it to train (it left before the round)")
+                     for node_id in selected if node_id not in accounted]
         if not any(p.samples > 0 for p in partials):
             raise RoundFailed(round, failures)
         slowest = max(partials, key=lambda p: p.timings.get("sn_round_s", 0.0))

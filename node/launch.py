@@ -44,7 +44,8 @@ def build_node(cfg: Config):
         configure_torch(cfg)
         ledger = Ledger.open(cfg.data_root, cfg.db)
         return SuperNode(ledger.key, ledger, listen, entry=None if cfg.is_entry else cfg.entry,
-                         advertise_host=host, advertise_port=advertised_port, capacity=cfg.max_edges_per_sn, heartbeat_interval=cfg.heartbeat_s,
+                         advertise_host=host, advertise_port=advertised_port, capacity=cfg.max_edges_per_sn,
+                         heartbeat_interval=cfg.heartbeat_s,
                          missed_beats=max(2, round(cfg.dead_after_s / cfg.heartbeat_s)), cfg=cfg)
     from node.edge import PERSONAL_FILE, EdgeHost, EdgeNode, edge_participants, restore_personal
     if not cfg.entry:

@@ -19,6 +19,7 @@ from node import transport
 from node.edge import EdgeNode, edge_participant
 from node.ledger import Ledger
 from node.setup import configure_torch
+from node.coordinator import EdgeRef
 from node.simulator import simulate
 from fl.strategy import FedAvg
 from node.supernode import SuperNode
@@ -275,3 +276,44 @@ def test_an_entry_restarted_on_its_data_directory_resumes_from_its_head(tmp_path
 
     assert [p.round for p in progress] == [2] and progress[0].participants == 2
     assert block.header.prev_hash == before.hash and block.header.base_model_hash == before.header.model_hash
+
+
+def test_fedper_over_the_network_shares_base_layers_only_and_matches_the_simulator(tmp_path) -> None:
+    network = Network(tmp_path / "net", supernodes=1, edges=4, algo="fedper")
+    try:
+        progress = network.train(2)
+        reply = network.admin(network.entry).Eval(EmptyMsg(), timeout=60)
+        net_models = head_models(network.entry.ledger)
+        stored = network.entry.ledger.load_weights(2)
+        personal = network.flaky[0].inner.personal_keys
+    finally:
+        network.close()
+    sim_cfg = config(tmp_path / "sim", algo="fedper")
+    simulate(sim_cfg, fresh=True, progress=False, emit=lambda *_: None)
+    store = LedgerStore(f"sqlite:///{tmp_path / 'sim' / 'ledger.db'}")
+    try:
+        sim_models = [store.get_block(h)[0].header.model_hash for h in range(3)]
+    finally:
+        store.close()
+
+    assert personal and not set(personal) & set(stored)            # personal layers never reach the ledger
+    assert all(0.0 < p.metrics["personal_accuracy_mean"] <= 1.0 for p in progress)
+    assert "accuracy" not in progress[-1].metrics                   # no global model under FedPer
+    assert reply.samples == 0 and len(reply.edges) == 4
+    assert all(not e.error and e.samples > 0 and 0.0 < e.accuracy <= 1.0 for e in reply.edges)
+    assert reply.edge_accuracy_min <= reply.edge_accuracy_mean <= reply.edge_accuracy_max
+    assert net_models == sim_models
+
+
+def test_a_selected_edge_that_no_super_node_has_is_reported_as_a_failure(net) -> None:
+    ghost = NodeKey.from_seed(b"ghost").node_id
+    coordinator = net.entry.coordinator
+    listed = coordinator.all_edges
+    coordinator.all_edges = lambda: listed() + [EdgeRef(ghost, "127.0.0.1:1", 9)]   # listed, then gone
+    try:
+        progress = net.train(1)
+    finally:
+        coordinator.all_edges = listed
+
+    assert len(progress) == 1 and progress[0].participants == 4 and progress[0].failures == 1
+    assert ghost[:12] in progress[0].message and "no live super node" in progress[0].message
