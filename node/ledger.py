@@ -48,6 +48,7 @@ class Ledger:
         self.writer = BackgroundWriter()
         self._lock = threading.RLock()   # propose holds it around build
         self._tip: Tip | None = None
+        self._authority: str | None = None
         head = store.head()
         if head is not None:
             block, _ = store.get_block(head.height)
@@ -67,6 +68,15 @@ class Ledger:
     @property
     def tip(self) -> Tip | None:
         return self._tip
+
+    @property
+    def authority(self) -> str | None:
+        """The public key allowed to propose blocks on this chain: its genesis block's proposer (proof of
+        authority). None while the chain is empty."""
+        if self._authority is None and self._tip is not None:
+            self.flush()
+            self._authority = self.store.get_block(0)[0].header.proposer_key
+        return self._authority
 
     def close(self) -> None:
         try:

@@ -128,7 +128,7 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
         if len(blocks) != 1:
             raise BadRequestError(f"ProposeBlock carries exactly one block, got {len(blocks)}")
         incoming = blocks[0]
-        header = sync.verify_incoming(self.ledger.tip, incoming)
+        header = sync.verify_incoming(self.ledger.tip, incoming, self.ledger.authority)
         with self._lock:
             self._pending = {h: b for h, b in self._pending.items() if b.block.header.height >= header.height}
             self._pending[incoming.block.hash] = incoming
@@ -145,8 +145,14 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
         bad = [c.signer_key[:16] for c in cosigs if not c.valid_for(request.height, request.hash)]
         if bad or not cosigs:
             raise BadRequestError(f"commit needs valid co-signatures; bad or missing: {bad or 'none given'}")
+        if len({c.signer_key for c in cosigs}) != len(cosigs):
+            raise BadRequestError("commit lists a co-signer twice")
+        # Only the proposer declares a block final: its own co-signature must be among them.
+        if incoming.block.header.proposer_key not in {c.signer_key for c in cosigs}:
+            raise BadRequestError("commit lacks the proposer's co-signature; only the proposer finalises a block")
         incoming.cosignatures = cosigs
-        sync.verify_incoming(self.ledger.tip, incoming)   # the tip may have moved since it was co-signed
+        # The tip may have moved since it was co-signed.
+        sync.verify_incoming(self.ledger.tip, incoming, self.ledger.authority)
         durable = self.ledger.accept(incoming.block, incoming.records, incoming.weights_blob, cosigs)
         try:
             durable.result()   # answer only once the block is stored: the proposer counts on it being final here

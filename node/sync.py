@@ -33,10 +33,11 @@ class IncomingBlock:
     weights_blob: bytes = b""
 
 
-def verify_incoming(tip: Tip | None, incoming: IncomingBlock) -> BlockHeader:
+def verify_incoming(tip: Tip | None, incoming: IncomingBlock, authority: str | None = None) -> BlockHeader:
     """Check a block fully (signature, link to ``tip``, records, Merkle root, co-signatures, model) before use.
 
-    A block that does not extend the tip raises StaleRoundError; anything else wrong raises BadRequestError.
+    ``authority``, the chain's proposer key (its genesis proposer), is the only key allowed to sign blocks after
+    genesis. A block that does not extend the tip raises StaleRoundError; anything else wrong BadRequestError.
     """
     block = incoming.block
     header = block.header
@@ -49,7 +50,8 @@ def verify_incoming(tip: Tip | None, incoming: IncomingBlock) -> BlockHeader:
                          [StoredRecord(i, r.record_bytes, r.signature, {}) for i, r in enumerate(incoming.records)],
                          [(c.signer_key, c.signature) for c in incoming.cosignatures], lambda: chunks)
     try:
-        check_block(stored, expected, prev_hash, tip.header.model_hash if tip else None, None)
+        check_block(stored, expected, prev_hash, tip.header.model_hash if tip else None,
+                    {authority} if authority else None)
         check_model(stored)
     except VerificationError as exc:
         raise BadRequestError(f"block refused: {exc}") from exc
@@ -122,7 +124,7 @@ def sync_from(ledger: Ledger, peer: str) -> int:
         added = 0
         stream = stub.GetBlocks(HeightRangeMsg(from_height=start, to_height=head.height), timeout=DEADLINES.sync)
         for incoming in read_blocks(stream):
-            verify_incoming(ledger.tip, incoming)
+            verify_incoming(ledger.tip, incoming, ledger.authority)
             ledger.accept(incoming.block, incoming.records, incoming.weights_blob, incoming.cosignatures).result()
             added += 1
     log.info("synced %d block(s) from %s; head now %d", added, peer, ledger.tip.header.height if ledger.tip else -1)

@@ -8,16 +8,17 @@ import grpc
 import numpy as np
 import pytest
 
-from chain.block import SignedBlock, SignedRecord, UpdateRecord
+from chain.block import Cosignature, SignedBlock, SignedRecord, UpdateRecord, build_header
 from chain.keys import NodeKey
 from chain.tensors import encode_weights, model_hash
 from chain.verify import verify_chain
-from node import sync, transport
+from node import serde, sync, transport
 from node.edge import EdgeNode
 from node.errors import NoMajorityError
 from node.ledger import Ledger
 from node.supernode import SuperNode, propose_and_commit
 from proto import fledger_pb2_grpc
+from proto.fledger_pb2 import CommitRequest as CommitRequestMsg
 from proto.fledger_pb2 import Empty as EmptyMsg
 from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
 from proto.fledger_pb2 import Height as HeightMsg
@@ -100,6 +101,39 @@ def test_a_block_without_a_majority_of_cosignatures_is_stored_nowhere(entry) -> 
     assert entry.ledger.tip == head
     assert entry.ledger.store.head().height == 0
     assert entry.ledger.verify().head_hash == head.hash
+
+
+def test_blocks_from_a_key_other_than_the_chains_authority_are_refused(entry, tmp_path) -> None:
+    first = genesis(entry)
+    peer = make_sn(tmp_path, "peer", entry=entry.address)
+    try:
+        assert wait_until(lambda: peer.ledger.tip is not None)
+        rogue = NodeKey.from_seed(b"rogue")
+        new = {"w": WEIGHTS["w"] * 3}
+        header = build_header(prev=first.header, prev_hash=first.hash, timestamp_ms=1, round=1, algorithm="fedavg",
+                              params={}, model_hash=model_hash(new), records=[], metrics={}, proposer=rogue)
+        forged = SignedBlock.create(header, rogue)
+        honest = entry.ledger.build(round=1, algorithm="fedavg", params={}, weights=new, records=[], metrics={},
+                                    timestamp_ms=1)
+        with transport.open_channel(peer.address) as channel:
+            stub = fledger_pb2_grpc.SuperNodeStub(channel)
+            with pytest.raises(grpc.RpcError) as proposed:
+                stub.ProposeBlock(sync.block_parts(forged, [], encode_weights(new), model_hash(new)), timeout=10)
+            stub.ProposeBlock(sync.block_parts(honest, [], encode_weights(new), model_hash(new)), timeout=10)
+            peer_only = CommitRequestMsg(height=1, hash=honest.hash, cosignatures=[
+                serde.cosig_to_msg(Cosignature.create(1, honest.hash, rogue))])
+            with pytest.raises(grpc.RpcError) as committed:
+                stub.CommitBlock(peer_only, timeout=10)
+            head = stub.GetHead(EmptyMsg(), timeout=5)
+
+        assert proposed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not an authority" in proposed.value.details()
+        assert committed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "proposer's co-signature" in committed.value.details()
+        assert head.height == 0
+    finally:
+        peer.stop(None)
+        peer.ledger.close()
 
 
 def test_tampered_block_is_refused_with_invalid_argument(entry, tmp_path) -> None:
