@@ -46,6 +46,17 @@ class EdgeRef:
     address: str
     partition_index: int | None = None   # its data share; the client index of its FitIns seed
 
+    @classmethod
+    def from_entry(cls, entry) -> "EdgeRef":
+        """From a MemberEntry message of role "edge" (ListEdges)."""
+        info = entry.info
+        return cls(info.node_id, info.address, info.partition_index if info.HasField("partition_index") else None)
+
+
+def share_order(edge: EdgeRef) -> tuple:
+    """The simulator's client order: by data share, then (for edges that did not say) by id."""
+    return edge.partition_index is None, edge.partition_index or 0, edge.node_id
+
 
 @dataclass
 class Partial:
@@ -68,7 +79,7 @@ def train_partial(sn_id: str, round: int, weights: dict[str, np.ndarray], edges:
     """Run ``fl.server.run_round`` over this SN's edge nodes (those in ``selected``, when the proposer chose
     clients network-wide), all in parallel; failures are data. Each edge's FitIns seed comes from its data share
     index, as the simulator's client of that index gets it."""
-    ordered = sorted(edges, key=lambda e: (e.partition_index is None, e.partition_index or 0, e.node_id))
+    ordered = sorted(edges, key=share_order)
     if selected is not None:
         wanted = set(selected)
         ordered = [e for e in ordered if e.node_id in wanted]
@@ -228,8 +239,7 @@ class Coordinator:
     def select(self, round: int) -> list[EdgeRef]:
         """The round's trainers over the whole network, as the simulator picks them: every live edge node in data
         share order, then fraction C of them with the run's seeded RNG."""
-        edges = sorted(self.all_edges(), key=lambda e: (e.partition_index is None, e.partition_index or 0,
-                                                        e.node_id))
+        edges = sorted(self.all_edges(), key=share_order)
         if not edges:
             raise RoundFailed(round, [("network", "no live edge node is registered with any super node")])
         chosen = set(self.ctx.strategy.select(round, [e.node_id for e in edges]))

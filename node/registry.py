@@ -98,9 +98,7 @@ class Membership:
 
     def members(self) -> list[Member]:
         """Live members in id order (dead ones are dropped first)."""
-        with self._lock:
-            self._prune_locked()
-            return sorted(self._members.values(), key=lambda m: m.node_id)
+        return [member for member, _alive, _silent in self.listing()]
 
     def listing(self, include_dead: bool = False) -> list[tuple[Member, bool, float]]:
         """(member, alive, seconds since last heard) for the live members and, when asked, the dropped ones."""

@@ -96,9 +96,7 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
 
     def edge_refs(self) -> list[EdgeRef]:
         """This SN's live edge nodes."""
-        with self._lock:
-            index = dict(self.partition_index)
-        return [EdgeRef(m.node_id, m.address, index.get(m.node_id)) for m in self.edges.members()]
+        return [EdgeRef.from_entry(m) for m in self.edge_entries(include_dead=False)]
 
     def edge_entries(self, include_dead: bool) -> list[MemberEntryMsg]:
         with self._lock:

@@ -136,9 +136,7 @@ class SuperNode:
             except grpc.RpcError as exc:
                 log.warning("cannot list the edge nodes of %s: %s", node_id, transport.rpc_error_text(exc))
                 continue
-            edges += [EdgeRef(m.info.node_id, m.info.address,
-                              m.info.partition_index if m.info.HasField("partition_index") else None)
-                      for m in listed if m.alive and m.parent_id == node_id]
+            edges += [EdgeRef.from_entry(m) for m in listed if m.alive and m.parent_id == node_id]
         return sorted(edges, key=lambda e: e.node_id)
 
     def network_view(self) -> list[MemberEntryMsg]:
