@@ -137,6 +137,9 @@ class SuperNodeRegistry(Membership):
                  clock: Callable[[], float] = time.monotonic):
         super().__init__(heartbeat_interval, missed_beats, 0, clock, kind="super node")
         self._assigned: dict[str, str] = {}   # edge id -> super node id
+        # When each SN was last given edge nodes: an SN's heartbeat reports the edges registered with it, which
+        # may not yet include ones just assigned, so a burst of ENs would otherwise all go to the same SN.
+        self._recent: dict[str, list[float]] = {}
 
     def assign(self, edge_id: str, edge_key: str) -> Member:
         """The live SN with the fewest edge nodes and room for one more (ties by id); sticky per edge."""
@@ -148,14 +151,19 @@ class SuperNodeRegistry(Membership):
             previous = self._members.get(self._assigned.get(edge_id, ""))
             if previous is not None:
                 return previous
-            open_ = [m for m in self._members.values() if not m.capacity or m.load < m.capacity]
+            now = self._clock()
+            for sn_id, times in list(self._recent.items()):
+                self._recent[sn_id] = [t for t in times if now - t <= self.timeout]
+            load = {m.node_id: max(m.load, len(self._recent.get(m.node_id, ()))) for m in self._members.values()}
+            open_ = [m for m in self._members.values() if not m.capacity or load[m.node_id] < m.capacity]
             if not open_:
                 raise NoCapacityError(f"all {len(self._members)} live super nodes are full; start another one")
-            chosen = min(open_, key=lambda m: (m.load, m.node_id))
-            # Count the edge now so a burst of assignments spreads; the SN's next heartbeat sets the true load.
-            chosen = replace(chosen, load=chosen.load + 1)
+            chosen = min(open_, key=lambda m: (load[m.node_id], m.node_id))
+            # Count the edge now; the SN's next heartbeat sets the load it really has.
+            chosen = replace(chosen, load=load[chosen.node_id] + 1)
             self._members[chosen.node_id] = chosen
             self._assigned[edge_id] = chosen.node_id
+            self._recent.setdefault(chosen.node_id, []).append(now)
         log.info("edge node %s assigned to super node %s", edge_id, chosen.node_id)
         return chosen
 

@@ -113,6 +113,19 @@ def test_assign_picks_fewest_edges_and_spreads() -> None:
     assert picks[3] == min(key(1).node_id, key(2).node_id)
 
 
+def test_a_burst_of_assignments_spreads_even_when_heartbeats_report_the_old_load() -> None:
+    sns = SuperNodeRegistry(clock=Clock())
+    reg(sns, 1)
+    reg(sns, 2)
+    picks = []
+    for i in range(4):
+        picks.append(sns.assign(key(10 + i).node_id, key(10 + i).public_hex).node_id)
+        for n in (1, 2):    # each SN heartbeats before the edge it was given has registered with it
+            sns.heartbeat(key(n).node_id, load=0)
+
+    assert sorted(picks) == sorted([key(1).node_id, key(2).node_id] * 2)
+
+
 def test_assign_is_sticky_per_edge() -> None:
     sns = SuperNodeRegistry(clock=Clock())
     reg(sns, 1)
