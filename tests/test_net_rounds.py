@@ -33,6 +33,9 @@ from storage.store import LedgerStore
 from conftest import wait_until
 
 BEAT = 0.2
+# Members are dropped after MISSED_BEATS silent beats (5 s). Building the edge participants holds the GIL for
+# seconds in this one process, so the 3-beat default (0.6 s) made SNs and ENs flap and ENs move between SNs.
+MISSED_BEATS = 25
 
 
 def config(root: Path, **over) -> Config:
@@ -83,7 +86,8 @@ class Network:
         key = NodeKey.from_seed(name.encode())
         ledger = Ledger.open(self.root / name, key=key)
         cfg = dataclasses.replace(self.cfg, data_root=str(self.root / name), is_entry=entry is None)
-        sn = SuperNode(key, ledger, listen, entry=entry, heartbeat_interval=BEAT, cfg=cfg)
+        sn = SuperNode(key, ledger, listen, entry=entry, heartbeat_interval=BEAT, missed_beats=MISSED_BEATS,
+                       cfg=cfg)
         sn.start()
         return sn
 
