@@ -20,5 +20,5 @@ USER fledger
 # Every setting comes from FLEDGER_* variables (see config.py); `main.py node` starts an SN or EN.
 ENV FLEDGER_DATA_ROOT=/data FLEDGER_IP=0.0.0.0
 VOLUME ["/data"]
-HEALTHCHECK --interval=10s --timeout=3s --retries=5 CMD ["python", "-m", "node.health", "127.0.0.1:8080"]
+HEALTHCHECK --interval=10s --timeout=3s --retries=5 CMD ["python", "-m", "node.cli.health", "127.0.0.1:8080"]
 CMD ["python", "main.py", "node"]

@@ -6,7 +6,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from node.console import Console, ConsoleError
+from node.console.parse import ConsoleError
+from node.console.repl import Console
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

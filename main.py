@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from node.cli import run
+from node.cli.main import run
 
 if __name__ == "__main__":
     sys.exit(run(sys.argv[1:]))

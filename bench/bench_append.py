@@ -3,8 +3,9 @@
     python bench/bench_append.py [--db URL] [--repeat 5]
 
 Runs on a SQLite file and on MariaDB/MySQL (--db, else FLEDGER_TEST_MYSQL_URL with database fledger_bench,
-else the local server). Prints per-run times and medians for: LedgerStore.append alone; how long
-Ledger.propose blocks its caller; and how long until the proposed block is durable.
+else the local server). Prints per-run times and medians for: verify_block (what a peer does with a received
+block); LedgerStore.append alone (it does not verify again); how long Ledger.build plus Ledger.accept block their
+caller; and how long until the accepted block is durable.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chain.block import SignedBlock, SignedRecord, UpdateRecord, build_header  # noqa: E402
 from chain.keys import NodeKey  # noqa: E402
 from chain.tensors import encode_weights, model_hash  # noqa: E402
+from chain.verify import verify_block  # noqa: E402
 from node.ledger import Ledger  # noqa: E402
 from storage.store import LedgerStore  # noqa: E402
 
@@ -51,7 +53,7 @@ def median_line(label: str, times: list[float]) -> str:
     return f"  {label}: runs [{runs}] ms; median {statistics.median(times) * 1000:.1f} ms"
 
 
-def bench_store(url: str, repeat: int) -> list[float]:
+def bench_store(url: str, repeat: int) -> tuple[list[float], list[float]]:
     store = LedgerStore(url)
     store.reset()
     try:
@@ -59,8 +61,8 @@ def bench_store(url: str, repeat: int) -> list[float]:
         prev = build_header(prev=None, prev_hash=None, timestamp_ms=0, round=0, algorithm="fedavg", params={},
                             model_hash=model_hash(weights), records=[], metrics={}, proposer=PROPOSER)
         genesis = SignedBlock.create(prev, PROPOSER)
-        store.append(genesis, [], encode_weights(weights))
-        prev_hash, times = genesis.hash, []
+        store.append(verify_block(genesis, [], encode_weights(weights), prev=None))
+        prev_hash, verify_times, times = genesis.hash, [], []
         for round_ in range(1, repeat + 1):
             weights = cnn_weights(round_)
             records = records_for(round_, prev.model_hash)
@@ -69,10 +71,13 @@ def bench_store(url: str, repeat: int) -> list[float]:
                                   metrics={}, proposer=PROPOSER)
             block, blob = SignedBlock.create(header, PROPOSER), encode_weights(weights)
             t0 = time.perf_counter()
-            store.append(block, records, blob)
-            times.append(time.perf_counter() - t0)
+            verified = verify_block(block, records, blob, prev=store.head(), authorities=[PROPOSER.public_hex])
+            t1 = time.perf_counter()
+            store.append(verified)
+            verify_times.append(t1 - t0)
+            times.append(time.perf_counter() - t1)
             prev, prev_hash = header, block.hash
-        return times
+        return verify_times, times
     finally:
         store.close()
 
@@ -83,16 +88,17 @@ def bench_ledger(url: str, repeat: int, data_dir: Path) -> tuple[list[float], li
     reset.close()
     ledger = Ledger.open(data_dir, url, key=PROPOSER)
     try:
-        _genesis, durable = ledger.propose(round=0, algorithm="fedavg", params={}, weights=cnn_weights(0),
-                                           records=[], metrics={}, timestamp_ms=0)
-        durable.result()
+        genesis = ledger.build(round=0, algorithm="fedavg", params={}, weights=cnn_weights(0), records=[],
+                               metrics={}, timestamp_ms=0)
+        ledger.accept(genesis).result()
         blocked, until_durable = [], []
         for round_ in range(1, repeat + 1):
             weights = cnn_weights(round_)
-            records = records_for(round_, ledger.tip.header.model_hash)
+            records = records_for(round_, ledger.head.model_hash)
             t0 = time.perf_counter()
-            _block, durable = ledger.propose(round=round_, algorithm="fedavg", params={}, weights=weights,
-                                             records=records, metrics={}, timestamp_ms=round_)
+            built = ledger.build(round=round_, algorithm="fedavg", params={}, weights=weights, records=records,
+                                 metrics={}, timestamp_ms=round_)
+            durable = ledger.accept(built)
             blocked.append(time.perf_counter() - t0)
             durable.result()
             until_durable.append(time.perf_counter() - t0)
@@ -120,10 +126,12 @@ def main() -> None:
         targets = [("sqlite", f"sqlite:///{tmp}/ledger.db"), ("mysql", mysql_url(args.db))]
         for name, url in targets:
             print(f"{name}: {make_url(url).render_as_string(hide_password=True)}")
-            print(median_line("store.append alone", bench_store(url, args.repeat)))
+            verify_times, append_times = bench_store(url, args.repeat)
+            print(median_line("verify_block", verify_times))
+            print(median_line("store.append alone", append_times))
             blocked, durable = bench_ledger(url, args.repeat, Path(tmp) / f"node-{name}")
-            print(median_line("Ledger.propose blocks the caller", blocked))
-            print(median_line("Ledger.propose until durable", durable))
+            print(median_line("Ledger.build + accept block the caller", blocked))
+            print(median_line("Ledger.build + accept until durable", durable))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python bench/bench_verify.py [--blocks 1000] [--records 10] [--db URL] [--repeat 5]
 
-The chain is built once through LedgerStore and cached (by default in a SQLite file in the temp directory);
-a later run with the same --blocks/--records reuses it.
+The chain is built once through verify_block and LedgerStore.append and cached (by default in a SQLite file in the
+temp directory); a later run with the same --blocks/--records reuses it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chain.block import SignedBlock, SignedRecord, UpdateRecord, build_header  # noqa: E402
 from chain.keys import NodeKey  # noqa: E402
 from chain.tensors import encode_weights, model_hash  # noqa: E402
-from chain.verify import check_model, verify_chain  # noqa: E402
+from chain.verify import check_model, verify_block, verify_chain  # noqa: E402
 from storage.store import LedgerStore  # noqa: E402
 
 
@@ -49,7 +49,8 @@ def build(store: LedgerStore, blocks: int, records_per_block: int) -> None:
                               algorithm="fedavg", params={"lr": "0.05"}, model_hash=digest, records=records,
                               metrics={"accuracy_bp": 9000}, proposer=proposer)
         block = SignedBlock.create(header, proposer)
-        store.append(block, records, encode_weights(weights))
+        store.append(verify_block(block, records, encode_weights(weights), prev=store.head(),
+                                  authorities=[proposer.public_hex]))
         prev, prev_hash = header, block.hash
     if start < blocks:
         print(f"built blocks {start}..{blocks - 1} in {time.perf_counter() - t0:.1f} s")
@@ -62,7 +63,8 @@ def main() -> None:
     parser.add_argument("--db", help="ledger URL (default: a cached SQLite file in the temp directory)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    url = args.db or f"sqlite:///{Path(tempfile.gettempdir()) / f'fledger-bench-verify-{args.blocks}x{args.records}.db'}"
+    cached = Path(tempfile.gettempdir()) / f"fledger-bench-verify-{args.blocks}x{args.records}.db"
+    url = args.db or f"sqlite:///{cached}"
     store = LedgerStore(url)
     try:
         build(store, args.blocks, args.records)

@@ -1,12 +1,13 @@
 """Block headers and update records: frozen dataclasses, their canonical bytes, signing and strict parsing."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import Any, Protocol
 
 from chain.encoding import ZERO_HASH, EncodingError, canonical_bytes, is_hex_digest, parse_canonical, sha256_hex
-from chain.keys import (NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN, SIGNATURE_BYTES, NodeKey, node_id_for,
-                        verify_signature)
+from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN, SIGNATURE_BYTES, NodeKey, node_id_for, verify_signature
 from chain.merkle import merkle_root
 
 FORMAT_VERSION = 1
@@ -46,7 +47,7 @@ class BlockHeader:
         return canonical_bytes(self.to_dict())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "BlockHeader":
+    def from_bytes(cls, data: bytes) -> BlockHeader:
         return cls(**_parse(data, "block", _HEADER_TYPES))
 
 
@@ -72,7 +73,7 @@ class UpdateRecord:
         return canonical_bytes(self.to_dict())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "UpdateRecord":
+    def from_bytes(cls, data: bytes) -> UpdateRecord:
         return cls(**_parse(data, "update", _RECORD_TYPES))
 
 
@@ -84,12 +85,17 @@ class SignedRecord:
     signature: bytes
 
     @classmethod
-    def create(cls, record: UpdateRecord, key: NodeKey) -> "SignedRecord":
+    def create(cls, record: UpdateRecord, key: NodeKey) -> SignedRecord:
         data = record.to_bytes()
         return cls(data, key.sign(data))
 
-    @property
+    @cached_property
     def record(self) -> UpdateRecord:
+        """The parsed record; parsed on first access (MalformedError if the bytes are not a record), then kept.
+
+        The frozen dataclass still works: cached_property writes the instance ``__dict__`` directly, and a failed
+        parse caches nothing, so every access to a malformed record raises.
+        """
         return UpdateRecord.from_bytes(self.record_bytes)
 
     @property
@@ -117,15 +123,19 @@ class SignedBlock:
     signature: bytes
 
     @classmethod
-    def create(cls, header: BlockHeader, key: NodeKey) -> "SignedBlock":
+    def create(cls, header: BlockHeader, key: NodeKey) -> SignedBlock:
         data = header.to_bytes()
         return cls(data, key.sign(data))
 
-    @property
+    @cached_property
     def header(self) -> BlockHeader:
+        """The parsed header; parsed on first access (MalformedError if the bytes are not a header), then kept.
+
+        Treat it as read-only: its ``params`` and ``metrics`` dicts are shared by every access.
+        """
         return BlockHeader.from_bytes(self.header_bytes)
 
-    @property
+    @cached_property
     def hash(self) -> str:
         return sha256_hex(self.header_bytes)
 
@@ -154,19 +164,29 @@ class Cosignature:
     signature: bytes
 
     @classmethod
-    def create(cls, height: int, block_hash: str, key: NodeKey) -> "Cosignature":
+    def create(cls, height: int, block_hash: str, key: NodeKey) -> Cosignature:
         return cls(key.public_hex, key.sign(cosign_message(height, block_hash)))
 
     def valid_for(self, height: int, block_hash: str) -> bool:
         return verify_signature(self.signer_key, self.signature, cosign_message(height, block_hash))
 
 
-def records_root(records: list[SignedRecord]) -> str:
+def records_root(records: Sequence[SignedRecord]) -> str:
     return merkle_root([r.leaf for r in records])
 
 
-def build_header(*, prev: BlockHeader | None, prev_hash: str | None, timestamp_ms: int, round: int, algorithm: str,
-                 params: dict[str, Any], model_hash: str, records: list[SignedRecord], metrics: dict[str, int],
+class Predecessor(Protocol):
+    """What the next header needs of the block before it: a BlockHeader, or a chain.verify.Head."""
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def model_hash(self) -> str: ...
+
+
+def build_header(*, prev: Predecessor | None, prev_hash: str | None, timestamp_ms: int, round: int, algorithm: str,
+                 params: dict[str, Any], model_hash: str, records: Sequence[SignedRecord], metrics: dict[str, int],
                  proposer: NodeKey) -> BlockHeader:
     """Assemble the next header after ``prev`` (None for genesis) from a round's outcome."""
     parsed = [r.record for r in records]
@@ -188,7 +208,10 @@ def build_header(*, prev: BlockHeader | None, prev_hash: str | None, timestamp_m
     )
 
 
-def _hex(n: int):
+Check = Callable[[Any], bool]
+
+
+def _hex(n: int) -> Check:
     return lambda v: is_hex_digest(v, n)
 
 
@@ -200,7 +223,7 @@ def _int_dict(v: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) for x in v.values())
 
 
-_HEADER_TYPES = {
+_HEADER_TYPES: dict[str, Check] = {
     "height": _int, "prev_hash": _hex(64), "timestamp_ms": _int, "round": _int,
     "algorithm": lambda v: v in ALGORITHMS, "params": lambda v: isinstance(v, dict),
     "base_model_hash": _hex(64), "model_hash": _hex(64), "records_root": _hex(64),
@@ -208,14 +231,14 @@ _HEADER_TYPES = {
     "proposer_id": _hex(NODE_ID_HEX_LEN), "proposer_key": _hex(PUBLIC_KEY_HEX_LEN),
     "version": lambda v: v == FORMAT_VERSION,
 }
-_RECORD_TYPES = {
+_RECORD_TYPES: dict[str, Check] = {
     "round": _int, "trainer_id": _hex(NODE_ID_HEX_LEN), "trainer_key": _hex(PUBLIC_KEY_HEX_LEN),
     "base_model_hash": _hex(64), "update_hash": _hex(64), "samples": _int, "metrics": _int_dict,
     "version": lambda v: v == FORMAT_VERSION,
 }
 
 
-def _parse(data: bytes, kind: str, checks: dict[str, Any]) -> dict[str, Any]:
+def _parse(data: bytes, kind: str, checks: dict[str, Check]) -> dict[str, Any]:
     try:
         value = parse_canonical(bytes(data))
     except EncodingError as exc:

@@ -26,7 +26,7 @@ class Checkpoint:
         return canonical_bytes({"type": "checkpoint", "height": height, "hash": block_hash, "version": 1})
 
     @classmethod
-    def create(cls, height: int, block_hash: str, key: NodeKey) -> "Checkpoint":
+    def create(cls, height: int, block_hash: str, key: NodeKey) -> Checkpoint:
         return cls(height, block_hash, key.public_hex, key.sign(cls.message(height, block_hash)))
 
     def valid(self) -> bool:
@@ -46,7 +46,7 @@ class Checkpoint:
         os.replace(tmp, path)
 
     @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> "Checkpoint":
+    def read(cls, path: str | os.PathLike[str]) -> Checkpoint:
         try:
             raw = json.loads(Path(path).read_text())
             checkpoint = cls(int(raw["height"]), str(raw["hash"]), str(raw["signer_key"]),

@@ -67,15 +67,6 @@ def to_fixed(value: float, scale: int) -> int:
     return int((Decimal(repr(number)) * scale).to_integral_value(ROUND_HALF_EVEN))
 
 
-def from_fixed(value: int, scale: int) -> float:
-    return value / scale
-
-
-def decimal_str(value: float) -> str:
-    """A float as its shortest round-tripping decimal string, for parameters such as the learning rate."""
-    return repr(float(value))
-
-
 def is_hex_digest(value: object, length: int = 64) -> bool:
     # strip() leaves nothing exactly when every character is lowercase hex (and is far cheaper than a loop).
     return isinstance(value, str) and len(value) == length and not value.strip("0123456789abcdef")

@@ -31,22 +31,22 @@ class NodeKey:
     private: Ed25519PrivateKey
 
     @classmethod
-    def generate(cls) -> "NodeKey":
+    def generate(cls) -> NodeKey:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def from_seed(cls, seed: bytes) -> "NodeKey":
+    def from_seed(cls, seed: bytes) -> NodeKey:
         """A key derived from 32 bytes; for reproducible simulations and tests only."""
         return cls(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed).digest()))
 
-    def derive(self, label: str) -> "NodeKey":
+    def derive(self, label: str) -> NodeKey:
         """A child key fixed by this key and ``label`` (the simulator's clients get their keys this way)."""
         raw = self.private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                          serialization.NoEncryption())
         return NodeKey.from_seed(raw + b"/" + label.encode("utf-8"))
 
     @classmethod
-    def load_or_create(cls, path: str | os.PathLike[str]) -> "NodeKey":
+    def load_or_create(cls, path: str | os.PathLike[str]) -> NodeKey:
         """Load the PEM key at ``path``, creating it (mode 0600, parent 0700) when it does not exist."""
         path = Path(path)
         if path.exists():

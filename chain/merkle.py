@@ -61,16 +61,26 @@ def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[str]:
     return [h.hex() for h in path]
 
 
-def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[str], root: str) -> bool:
-    """RFC 9162 section 2.1.3.2: check that ``leaf`` sits at ``index`` in a tree of ``size`` with ``root``."""
+class InclusionError(ValueError):
+    """An inclusion proof does not show the leaf at that index in the tree with that root."""
+
+
+def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[str], root: str) -> None:
+    """RFC 9162 section 2.1.3.2: check that ``leaf`` sits at ``index`` in a tree of ``size`` with ``root``.
+
+    Raise InclusionError naming what is wrong.
+    """
     if not 0 <= index < size:
-        return False
+        raise InclusionError(f"leaf index {index} is out of range for a tree of {size} leaves")
     fn, sn = index, size - 1
     result = leaf_hash(leaf)
     for hex_hash in proof:
         if sn == 0:
-            return False
-        sibling = bytes.fromhex(hex_hash)
+            raise InclusionError(f"proof for leaf {index} of {size} is longer than the tree is deep")
+        try:
+            sibling = bytes.fromhex(hex_hash)
+        except ValueError as exc:
+            raise InclusionError(f"proof for leaf {index} of {size} holds a hash that is not hex: {exc}") from exc
         if fn & 1 or fn == sn:
             result = node_hash(sibling, result)
             if not fn & 1:
@@ -81,4 +91,7 @@ def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[str], r
             result = node_hash(result, sibling)
         fn >>= 1
         sn >>= 1
-    return sn == 0 and hmac.compare_digest(result.hex(), root)
+    if sn != 0:
+        raise InclusionError(f"proof for leaf {index} of {size} is shorter than the tree is deep")
+    if not hmac.compare_digest(result.hex(), root):
+        raise InclusionError(f"proof for leaf {index} of {size} leads to {result.hex()}, not to root {root}")

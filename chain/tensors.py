@@ -41,7 +41,7 @@ def dtype_name(array: np.ndarray) -> str:
 def _raw(array: np.ndarray) -> memoryview:
     little = np.ascontiguousarray(array, dtype=DTYPES[dtype_name(array)])
     # A flat uint8 view, not memoryview.cast: cast refuses arrays with a zero-length dimension.
-    return memoryview(little.reshape(-1).view(np.uint8))
+    return little.reshape(-1).view(np.uint8).data
 
 
 def model_hash(weights: Weights) -> str:

@@ -1,9 +1,17 @@
-"""Walk a stored chain and check every hash, link, signature, Merkle root and (optionally) stored model."""
+"""Check blocks: one in memory against the head it must extend (verify_block), or a whole stored chain (verify_chain).
+
+Both run the same checks (link, signatures, authority, co-signatures, records and Merkle root, model hash); a stored
+chain adds the checks of what storage adds (the hash and indexed columns, record positions, chunk digests).
+"""
 from __future__ import annotations
 
+import dataclasses
 import hmac
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from chain.block import BlockHeader, Cosignature, MalformedError, SignedBlock, SignedRecord
 from chain.checkpoint import Checkpoint
@@ -24,6 +32,77 @@ class VerificationError(Exception):
 
 
 @dataclass(frozen=True)
+class Head:
+    """The newest block of a chain: what the next block must link to (the one head type of chain, storage, node)."""
+
+    height: int         # the block's height
+    hash: str           # SHA-256 of its header bytes
+    model_hash: str     # the model it records: the next block's base_model_hash
+    round: int          # the FL round it closes
+
+    @classmethod
+    def of(cls, block: SignedBlock) -> Head:
+        header = block.header
+        return cls(header.height, block.hash, header.model_hash, header.round)
+
+
+def extends(head: Head | None, header: BlockHeader) -> bool:
+    """Whether ``header`` is the next block after ``head`` (genesis when ``head`` is None): height and prev_hash."""
+    if head is None:
+        return header.height == 0 and _same(header.prev_hash, ZERO_HASH)
+    return header.height == head.height + 1 and _same(header.prev_hash, head.hash)
+
+
+@dataclass(frozen=True)
+class VerifiedBlock:
+    """A block with everything it carries, either built and signed by this node's Ledger or returned by verify_block."""
+
+    block: SignedBlock
+    records: tuple[SignedRecord, ...]
+    weights_blob: bytes                         # the encoded model (chain.tensors format), hashing to model_hash
+    cosignatures: tuple[Cosignature, ...] = ()  # each valid for this block, one per signer
+
+    @property
+    def header(self) -> BlockHeader:
+        return self.block.header
+
+    @property
+    def head(self) -> Head:
+        """The head this block becomes once added."""
+        return Head.of(self.block)
+
+    def cosigned(self, cosignatures: Iterable[Cosignature]) -> VerifiedBlock:
+        """This block with ``cosignatures`` added; each must be valid for it and from a new signer."""
+        combined = self.cosignatures + tuple(cosignatures)
+        _check_cosignatures(self.header.height, self.block.hash, combined)
+        return dataclasses.replace(self, cosignatures=combined)
+
+
+def verify_block(block: SignedBlock, records: Iterable[SignedRecord], weights_blob: bytes,
+                 cosignatures: Iterable[Cosignature] = (), *, prev: Head | None,
+                 authorities: Collection[str] | None = None, check_model: bool = True) -> VerifiedBlock:
+    """Check a block received whole against ``prev``, the head it must extend (None for genesis).
+
+    Checks the header, height and link, the proposer signature (and that the proposer is one of ``authorities``
+    when given), every co-signature, every record signature, the Merkle root and totals, and (``check_model``)
+    that the blob decodes and hashes to the header's model_hash. Raises VerificationError naming the height and
+    the check; a block that does not extend ``prev`` fails the "height" or "link" check (see ``extends``).
+    """
+    height = prev.height + 1 if prev is not None else 0
+    header = _parse_header(height, block)
+    if header.height != height:
+        raise VerificationError(height, "height", f"expected block {height}, header says height {header.height}")
+    _check_link(height, header, prev)
+    _check_signature(height, block, header, authorities)
+    signed_records, cosigs = tuple(records), tuple(cosignatures)
+    _check_cosignatures(height, block.hash, cosigs)
+    _check_records(height, header, signed_records)
+    if check_model:
+        check_weights(height, header, weights_blob)
+    return VerifiedBlock(block, signed_records, bytes(weights_blob), cosigs)
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     head_height: int
     head_hash: str
@@ -31,10 +110,6 @@ class VerifyReport:
     records: int
     cosignatures: int
     models_checked: int
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(str(a).encode(), str(b).encode())
 
 
 def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: Checkpoint | None = None,
@@ -47,106 +122,69 @@ def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: 
     own key: a node that only syncs signs its checkpoint itself).
     """
     allowed = set(authorities) if authorities is not None else None
-    prev_hash, prev_model, expected_height = ZERO_HASH, None, 0
-    blocks: list[StoredBlock] = []
+    prev: Head | None = None
+    blocks: list[tuple[StoredBlock, BlockHeader]] = []
     records = cosigs = 0
     failure: VerificationError | None = None
     for stored in source.iter_blocks():
         try:
-            header = check_block(stored, expected_height, prev_hash, prev_model, allowed)
+            header = check_block(stored, prev, allowed)
         except VerificationError as exc:
             failure = exc
             break
         if allowed is None:
             allowed = {header.proposer_key}
-        blocks.append(stored)
+        blocks.append((stored, header))
         records += len(stored.records)
         cosigs += len(stored.cosignatures)
-        prev_hash, prev_model, expected_height = stored.hash, header.model_hash, expected_height + 1
+        prev = Head(stored.height, stored.hash, header.model_hash, header.round)
     models = 0
     if check_models:
-        for stored in blocks:
+        for stored, header in blocks:
             if failure is not None and stored.height >= failure.height:
                 break
             try:
-                check_model(stored)
+                check_model(stored, header)
             except VerificationError as exc:
                 failure = exc
                 break
             models += 1
     if failure is None and checkpoint is not None:
-        _check_checkpoint(checkpoint, blocks, (allowed or set()) | set(checkpoint_keys))
+        _check_checkpoint(checkpoint, [stored for stored, _ in blocks], (allowed or set()) | set(checkpoint_keys))
     if failure is not None:
         raise failure
     if not blocks:
         raise VerificationError(0, "genesis", "the chain is empty")
-    return VerifyReport(blocks[-1].height, blocks[-1].hash, len(blocks), records, cosigs, models)
+    head = blocks[-1][0]
+    return VerifyReport(head.height, head.hash, len(blocks), records, cosigs, models)
 
 
-def check_block(stored: StoredBlock, height: int, prev_hash: str, prev_model: str | None,
-                allowed: set[str] | None) -> BlockHeader:
-    """Check one block against its predecessor (everything but the weights); raise VerificationError."""
-    h = stored.height
-    if h != height:
-        raise VerificationError(height, "height", f"expected block {height}, found row with height {h}")
+def check_block(stored: StoredBlock, prev: Head | None, allowed: Collection[str] | None) -> BlockHeader:
+    """Check one stored block against its predecessor ``prev`` (everything but the weights); raise
+    VerificationError."""
+    h = prev.height + 1 if prev is not None else 0
+    if stored.height != h:
+        raise VerificationError(h, "height", f"expected block {h}, found row with height {stored.height}")
     signed = SignedBlock(bytes(stored.header_bytes), bytes(stored.signature))
-    try:
-        header = signed.header
-    except MalformedError as exc:
-        raise VerificationError(h, "header", str(exc)) from exc
+    header = _parse_header(h, signed)
     if header.height != h:
         raise VerificationError(h, "height", f"header says height {header.height}")
     if not _same(signed.hash, stored.hash):
         raise VerificationError(h, "hash", f"stored hash {stored.hash} != SHA-256 of header {signed.hash}")
     _check_indexed(h, "index", header.to_dict(), stored.indexed)
-    if not _same(header.prev_hash, prev_hash):
-        raise VerificationError(h, "link", f"prev_hash {header.prev_hash} != previous block hash {prev_hash}")
-    if prev_model is not None and not _same(header.base_model_hash, prev_model):
-        raise VerificationError(h, "link", "base_model_hash is not the previous block's model_hash")
-    try:
-        signed.check()
-    except MalformedError as exc:
-        raise VerificationError(h, "signature", str(exc)) from exc
-    if allowed is not None and header.proposer_key not in allowed:
-        raise VerificationError(h, "signature", f"proposer {header.proposer_id} is not an authority of this chain")
-    for signer_key, signature in stored.cosignatures:
-        if not Cosignature(signer_key, bytes(signature)).valid_for(h, stored.hash):
-            raise VerificationError(h, "cosignature", f"bad co-signature by key {signer_key[:16]}...")
-    _check_records(stored, header)
-    return header
-
-
-def _check_indexed(height: int, check: str, values: dict, indexed: dict) -> None:
-    for column, value in indexed.items():
-        if column not in values or values[column] != value:
-            raise VerificationError(height, check, f"column {column}={value!r} does not match the signed bytes")
-
-
-def _check_records(stored: StoredBlock, header: BlockHeader) -> None:
-    h = stored.height
-    leaves, samples = [], 0
+    _check_link(h, header, prev)
+    _check_signature(h, signed, header, allowed)
+    _check_cosignatures(h, stored.hash, [Cosignature(key, bytes(sig)) for key, sig in stored.cosignatures])
     for expected_pos, row in enumerate(stored.records):
         if row.position != expected_pos:
             raise VerificationError(h, "records", f"record positions are not 0..n-1 (found {row.position})")
-        signed = SignedRecord(bytes(row.record_bytes), bytes(row.signature))
-        try:
-            record = signed.check()
-        except MalformedError as exc:
-            raise VerificationError(h, "record-signature", f"record {row.position}: {exc}") from exc
-        _check_indexed(h, "record-index", record.to_dict(), row.indexed)
-        if record.round != header.round or record.base_model_hash != header.base_model_hash:
-            raise VerificationError(h, "records", f"record {row.position} is for another round or base model")
-        leaves.append(signed.leaf)
-        samples += record.samples
-    root = merkle_root(leaves)
-    if not _same(root, header.records_root):
-        raise VerificationError(h, "merkle", f"root of {len(leaves)} stored records {root} != header {header.records_root}")
-    if len(leaves) != header.participants or samples != header.total_samples:
-        raise VerificationError(h, "merkle", "participants or total_samples do not match the stored records")
+    _check_records(h, header, [SignedRecord(bytes(r.record_bytes), bytes(r.signature)) for r in stored.records],
+                   [r.indexed for r in stored.records])
+    return header
 
 
-def check_model(stored: StoredBlock) -> None:
-    """Check a block's stored weight chunks against its model hash; raise VerificationError."""
+def read_blob(stored: StoredBlock) -> bytes:
+    """A stored block's weight blob, each chunk checked against its recorded digest (not decoded)."""
     h = stored.height
     chunks = stored.load_chunks() if stored.load_chunks is not None else []
     if not chunks:
@@ -156,13 +194,100 @@ def check_model(stored: StoredBlock) -> None:
             raise VerificationError(h, "model", f"weight chunks are not 0..n-1 (found {chunk.seq})")
         if not _same(sha256_hex(bytes(chunk.data)), chunk.digest):
             raise VerificationError(h, "model", f"weight chunk {chunk.seq} does not match its digest")
+    return b"".join(bytes(c.data) for c in chunks)
+
+
+def check_model(stored: StoredBlock, header: BlockHeader | None = None) -> dict[str, np.ndarray]:
+    """A stored block's weights, decoded once and checked against its chunk digests and model hash.
+
+    ``header`` is the block's parsed header when the caller has it. Raises VerificationError.
+    """
+    blob = read_blob(stored)
+    if header is None:
+        header = _parse_header(stored.height, SignedBlock(bytes(stored.header_bytes), bytes(stored.signature)))
+    return check_weights(stored.height, header, blob)
+
+
+def check_weights(height: int, header: BlockHeader, blob: bytes) -> dict[str, np.ndarray]:
+    """Decode a weight blob and check it hashes to the header's model_hash; return the weights."""
     try:
-        weights = decode_weights(b"".join(bytes(c.data) for c in chunks))
+        weights = decode_weights(blob)
     except EncodingError as exc:
-        raise VerificationError(h, "model", f"stored weights do not decode: {exc}") from exc
-    header = SignedBlock(bytes(stored.header_bytes), bytes(stored.signature)).header
+        raise VerificationError(height, "model", f"stored weights do not decode: {exc}") from exc
     if not _same(model_hash(weights), header.model_hash):
-        raise VerificationError(h, "model", "stored weights do not hash to the block's model_hash")
+        raise VerificationError(height, "model", "stored weights do not hash to the block's model_hash")
+    return weights
+
+
+# ---- the checks both verifiers share ------------------------------------------------------------------------------
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(str(a).encode(), str(b).encode())
+
+
+def _parse_header(height: int, block: SignedBlock) -> BlockHeader:
+    try:
+        return block.header
+    except MalformedError as exc:
+        raise VerificationError(height, "header", str(exc)) from exc
+
+
+def _check_link(height: int, header: BlockHeader, prev: Head | None) -> None:
+    prev_hash = prev.hash if prev is not None else ZERO_HASH
+    if not _same(header.prev_hash, prev_hash):
+        raise VerificationError(height, "link", f"prev_hash {header.prev_hash} != previous block hash {prev_hash}")
+    if prev is not None and not _same(header.base_model_hash, prev.model_hash):
+        raise VerificationError(height, "link", "base_model_hash is not the previous block's model_hash")
+
+
+def _check_signature(height: int, block: SignedBlock, header: BlockHeader,
+                     allowed: Collection[str] | None) -> None:
+    try:
+        block.check()
+    except MalformedError as exc:
+        raise VerificationError(height, "signature", str(exc)) from exc
+    if allowed is not None and header.proposer_key not in allowed:
+        raise VerificationError(height, "signature",
+                                f"proposer {header.proposer_id} is not an authority of this chain")
+
+
+def _check_cosignatures(height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
+    seen: set[str] = set()
+    for cosig in cosignatures:
+        if cosig.signer_key in seen:
+            raise VerificationError(height, "cosignature", f"key {cosig.signer_key[:16]}... co-signed twice")
+        seen.add(cosig.signer_key)
+        if not cosig.valid_for(height, block_hash):
+            raise VerificationError(height, "cosignature", f"bad co-signature by key {cosig.signer_key[:16]}...")
+
+
+def _check_indexed(height: int, check: str, values: Mapping[str, Any], indexed: Mapping[str, Any]) -> None:
+    for column, value in indexed.items():
+        if column not in values or values[column] != value:
+            raise VerificationError(height, check, f"column {column}={value!r} does not match the signed bytes")
+
+
+def _check_records(height: int, header: BlockHeader, records: Sequence[SignedRecord],
+                   indexed: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Record signatures, round and base model, optional indexed columns, then Merkle root and totals."""
+    leaves, samples = [], 0
+    for pos, signed in enumerate(records):
+        try:
+            record = signed.check()
+        except MalformedError as exc:
+            raise VerificationError(height, "record-signature", f"record {pos}: {exc}") from exc
+        if indexed:
+            _check_indexed(height, "record-index", record.to_dict(), indexed[pos])
+        if record.round != header.round or record.base_model_hash != header.base_model_hash:
+            raise VerificationError(height, "records", f"record {pos} is for another round or base model")
+        leaves.append(signed.leaf)
+        samples += record.samples
+    root = merkle_root(leaves)
+    if not _same(root, header.records_root):
+        raise VerificationError(height, "merkle",
+                                f"root of {len(leaves)} records {root} != header {header.records_root}")
+    if len(leaves) != header.participants or samples != header.total_samples:
+        raise VerificationError(height, "merkle", "participants or total_samples do not match the records")
 
 
 def _check_checkpoint(checkpoint: Checkpoint, blocks: list[StoredBlock], trusted: set[str]) -> None:

@@ -1,4 +1,4 @@
-"""One federated round without any ledger: ask participants to fit, record failures, stream results into the average."""
+"""One federated round without any ledger: ask participants to fit, record failures, fold results into the aggregate."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl.aggregate import Accumulator
 from fl.participant import FitIns, FitRes, Participant
+from fl.strategy import Aggregator
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class RoundOutcome:
     """What a round produced; ``weights`` holds only the shared keys (FedPer: base layers), to merge into the global state."""
 
     weights: dict[str, np.ndarray]
-    results: list[tuple[str, FitRes]]  # in participant order; weights emptied unless keep_weights (receipt, samples kept)
+    results: list[tuple[str, FitRes]]  # in participant order; weights emptied once folded (receipt, samples kept)
     failures: list[tuple[str, str]]  # (participant id, "ErrorType: message"), in participant order
     total_samples: int
 
@@ -41,37 +41,43 @@ def run_round(
     participants: Sequence[Participant],
     global_weights: Mapping[str, np.ndarray],
     ins_for: Callable[[int, Participant], FitIns],
+    aggregator: Aggregator,
     *,
+    check: Callable[[Participant, FitRes], None] | None = None,
     max_workers: int = 1,
     on_result: Callable[[str, FitRes], None] | None = None,
-    keep_weights: bool = False,
 ) -> RoundOutcome:
-    """Run one round; results are folded in participant order whatever the concurrency, so the average is bit-identical.
+    """Run one round; results are folded in participant order whatever the concurrency, so the aggregate is
+    bit-identical. One participant failing is a failure in the outcome, never an exception.
 
-    ``ins_for(index, participant)`` gives each participant its instructions; ``on_result(id, res)`` is called for each
-    accepted result, in participant order, after it has been folded (e.g. to record its receipt).
+    ``ins_for(index, participant)`` gives each participant its instructions; ``aggregator`` (the strategy's) folds
+    the results; ``check(participant, res)`` may refuse a result (ValueError) before it is folded, e.g. a receipt
+    that does not match; ``on_result(id, res)`` is called for each folded result, in participant order.
     """
     if max_workers < 1:
         raise ValueError(f"max_workers must be at least 1, got {max_workers}")
     instructions = [ins_for(i, p) for i, p in enumerate(participants)]
-    acc = Accumulator()
+    acc = aggregator
     results: list[tuple[str, FitRes]] = []
     failures: list[tuple[str, str]] = []
 
     def fold(index: int, outcome: FitRes | BaseException) -> None:
-        pid = participants[index].participant_id
+        participant = participants[index]
+        pid = participant.participant_id
         if isinstance(outcome, BaseException):
             failures.append((pid, f"{type(outcome).__name__}: {outcome}"))
             log.warning("round %d: participant %s failed: %s", round, pid, failures[-1][1])
             return
         try:
             _check_result(outcome, global_weights)
+            if check is not None:
+                check(participant, outcome)
             acc.add(outcome.weights, outcome.samples)
         except (ValueError, TypeError) as exc:
             failures.append((pid, f"rejected: {exc}"))
             log.warning("round %d: result of %s rejected: %s", round, pid, exc)
             return
-        kept = outcome if keep_weights else dataclasses.replace(outcome, weights={})
+        kept = dataclasses.replace(outcome, weights={})
         results.append((pid, kept))
         if on_result is not None:
             on_result(pid, kept)
@@ -99,12 +105,14 @@ def _call_fit(p: Participant, weights: Mapping[str, np.ndarray], ins: FitIns) ->
         return exc
 
 
-def _run_concurrently(participants, weights, instructions, max_workers, fold) -> None:  # noqa: ANN001
+def _run_concurrently(participants: Sequence[Participant], weights: Mapping[str, np.ndarray],
+                      instructions: list[FitIns], max_workers: int,
+                      fold: Callable[[int, FitRes | BaseException], None]) -> None:
     """Fit in a thread pool; buffer out-of-order completions and fold strictly in participant order."""
     buffered: dict[int, FitRes | BaseException] = {}
     next_index = 0
     with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fl-fit") as pool:
-        pending: dict[Future, int] = {
+        pending: dict[Future[FitRes | BaseException], int] = {
             pool.submit(_call_fit, p, weights, instructions[i]): i for i, p in enumerate(participants)
         }
         while pending:
@@ -132,7 +140,7 @@ def _check_result(res: FitRes, global_weights: Mapping[str, np.ndarray]) -> None
             raise ValueError(f"tensor {name!r} has NaN or infinite values")
 
 
-def evaluate_personalized(participants: Sequence[Participant], weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+def evaluate_personalised(participants: Sequence[Participant], weights: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Each participant's personalized accuracy on its local test split -> mean, min, max over participants that have one."""
     accuracies: list[float] = []
     for p in participants:

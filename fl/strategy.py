@@ -1,19 +1,52 @@
-"""Strategies: which clients train each round, with what instructions, and which tensors they share (FedAvg, FedPer)."""
+"""Strategies: which clients train each round, with what instructions, which tensors they share, and how their
+results are aggregated (FedAvg, FedPer). The round engine asks the strategy, never an aggregation rule directly."""
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import ClassVar, Protocol
 
 import numpy as np
 from torch import nn
 
+from fl.aggregate import Accumulator, Weights
 from fl.models import split_keys
 from fl.participant import FitIns
 
 log = logging.getLogger(__name__)
+
+
+class Aggregator(Protocol):
+    """Folds results one at a time (in a fixed order); ``result()`` is the aggregate."""
+
+    count: int
+    total_samples: int
+
+    def add(self, weights: Mapping[str, np.ndarray], samples: int) -> None: ...
+
+    def result(self) -> Weights: ...
+
+
+class Strategy(Protocol):
+    """What the round engine asks of an FL algorithm."""
+
+    name: str
+    seed: int
+
+    def shared_keys(self, model: nn.Module) -> list[str]: ...
+
+    def select(self, round: int, participant_ids: Sequence[str]) -> list[str]: ...
+
+    def fit_ins(self, round: int, position: int) -> FitIns: ...
+
+    def aggregator(self) -> Aggregator: ...
+
+    def combine(self, aggregates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Weights: ...
+
+    def params(self) -> dict[str, str]: ...
 
 
 def client_seed(seed: int, round: int, client_index: int) -> int:
@@ -38,17 +71,15 @@ class FedAvg:
     momentum: float = 0.0
     fraction: float = 1.0  # C: share of clients selected each round
     seed: int = 0
-    name = "fedavg"
+    name: ClassVar[str] = "fedavg"
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         """State keys clients receive and return: all of them."""
         return list(model.state_dict())
 
-    def select(self, round: int, participant_ids: Sequence[str], fraction: float | None = None,
-               seed: int | None = None) -> list[str]:
+    def select(self, round: int, participant_ids: Sequence[str]) -> list[str]:
         """max(1, floor(C*K)) clients drawn with an RNG seeded by (seed, round), kept in the given order; C=1 -> all."""
-        fraction = self.fraction if fraction is None else fraction
-        seed = self.seed if seed is None else seed
+        fraction, seed = self.fraction, self.seed
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if not participant_ids:
@@ -60,10 +91,25 @@ class FedAvg:
         chosen = np.random.default_rng([seed, round]).choice(len(ids), size=m, replace=False)
         return [ids[i] for i in sorted(int(i) for i in chosen)]
 
-    def fit_ins(self, round: int, client_index: int) -> FitIns:
-        """Instructions for the ``client_index``-th participant (in participant order) of ``round``."""
+    def fit_ins(self, round: int, position: int) -> FitIns:
+        """Instructions for the client at ``position`` in the round's selection (which is in data-share order)."""
         return FitIns(round=round, epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
-                      momentum=self.momentum, seed=client_seed(self.seed, round, client_index))
+                      momentum=self.momentum, seed=client_seed(self.seed, round, position))
+
+    def aggregator(self) -> Aggregator:
+        """How one super node folds its edge nodes' results: the sample-weighted average, streamed."""
+        return Accumulator()
+
+    def combine(self, aggregates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
+        """The entry over the super nodes' aggregates (each with its sample total), in the order given: their
+        sample-weighted average, which is the average over all their edge nodes. A single aggregate is taken
+        as is, so one super node gives exactly the bits of a flat average."""
+        if len(aggregates) == 1:
+            return {k: v for k, v in aggregates[0][0].items()}
+        acc = Accumulator()
+        for weights, samples in aggregates:
+            acc.add(weights, samples)
+        return acc.result()
 
     def params(self) -> dict[str, str]:
         """Hyperparameters as decimal strings, fit for canonical (float-free) JSON on the ledger."""
@@ -82,7 +128,7 @@ class FedAvg:
 class FedPer(FedAvg):
     """Arivazhagan et al. 2019: clients share the base layers and keep their personal (classifier) layers local."""
 
-    name = "fedper"
+    name: ClassVar[str] = "fedper"
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         """State keys clients receive and return: the base layers only."""

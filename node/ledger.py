@@ -1,25 +1,22 @@
-"""A node's ledger: builds and signs blocks, writes them in the background, keeps the signed checkpoint."""
+"""A node's ledger: builds and signs blocks, verifies blocks from peers, writes them in the background, keeps the
+signed checkpoint."""
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from chain.block import BlockHeader, Cosignature, SignedBlock, SignedRecord, build_header
+from chain.block import Cosignature, MalformedError, SignedBlock, SignedRecord, build_header
 from chain.checkpoint import Checkpoint
 from chain.keys import NodeKey
-from chain.tensors import decode_weights, encode_weights, model_hash
-from chain.verify import VerifyReport, verify_chain
+from chain.tensors import encode_weights, model_hash
+from chain.verify import Head, VerifiedBlock, VerifyReport, extends, verify_block, verify_chain
 from storage.store import LedgerStore, NotExtendingHead
 from storage.writer import BackgroundWriter
-
-log = logging.getLogger(__name__)
 
 KEY_FILE = "node.key"
 CHECKPOINT_FILE = "checkpoint.json"
@@ -30,32 +27,27 @@ def default_db_url(data_dir: str | Path) -> str:
     return f"sqlite:///{Path(data_dir).resolve() / DB_FILE}"
 
 
-@dataclass(frozen=True)
-class Tip:
-    """The newest block this node has accepted (possibly still being written)."""
-
-    header: BlockHeader
-    hash: str
-
-
 class Ledger:
-    """One node's view of the chain. Appends go through a background writer in strict order."""
+    """One node's view of the chain: the store plus an in-memory head that runs ahead of the background writer.
+
+    Adding a block is ``build`` (a block this node proposes) or ``verify`` (one received from a peer), which give
+    a VerifiedBlock, then ``accept``, which moves the head at once and writes the block in the background, in
+    strict order. The store does not verify again.
+    """
 
     def __init__(self, store: LedgerStore, key: NodeKey, checkpoint_path: Path | None = None):
         self.store = store
         self.key = key
         self.checkpoint_path = checkpoint_path
         self.writer = BackgroundWriter()
-        self._lock = threading.RLock()   # propose holds it around build
-        self._tip: Tip | None = None
+        self._accepting = threading.Lock()   # accept: head check, head move and queueing happen in one order
+        self._state = threading.Lock()       # the head; held only briefly (the writer thread takes it to roll back)
+        self._head: Head | None = store.head()
+        self._durable: Head | None = self._head   # newest block known to be written
         self._authority: str | None = None
-        head = store.head()
-        if head is not None:
-            block, _ = store.get_block(head.height)
-            self._tip = Tip(block.header, block.hash)
 
     @classmethod
-    def open(cls, data_dir: str | Path, db_url: str | None = None, key: NodeKey | None = None) -> "Ledger":
+    def open(cls, data_dir: str | Path, db_url: str | None = None, key: NodeKey | None = None) -> Ledger:
         """Open (creating if needed) the node key, the database and the checkpoint path under ``data_dir``."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -66,14 +58,18 @@ class Ledger:
     # ---- state ----------------------------------------------------------------------------------------------
 
     @property
-    def tip(self) -> Tip | None:
-        return self._tip
+    def head(self) -> Head | None:
+        """The newest block this node has accepted, possibly still being written (``flush`` waits for it).
+
+        None while the chain is empty. ``Head.round`` is the FL round that block closes.
+        """
+        return self._head
 
     @property
     def authority(self) -> str | None:
         """The public key allowed to propose blocks on this chain: its genesis block's proposer (proof of
         authority). None while the chain is empty."""
-        if self._authority is None and self._tip is not None:
+        if self._authority is None and self._head is not None:
             self.flush()
             self._authority = self.store.get_block(0)[0].header.proposer_key
         return self._authority
@@ -86,96 +82,126 @@ class Ledger:
             self.store.close()
 
     def flush(self) -> None:
-        """Wait until every accepted block is durable."""
+        """Wait until every accepted block is durable; raise WriterFailed if a write failed."""
         self.writer.flush()
 
-    # ---- proposing ------------------------------------------------------------------------------------------
+    # ---- adding blocks --------------------------------------------------------------------------------------
 
     def build(self, *, round: int, algorithm: str, params: dict[str, Any], weights: dict[str, np.ndarray],
-              records: list[SignedRecord], metrics: dict[str, int], timestamp_ms: int,
-              new_model_hash: str | None = None) -> SignedBlock:
-        """Build and sign the block that would extend the tip, without adding it (see ``accept``).
+              records: Sequence[SignedRecord], metrics: dict[str, int], timestamp_ms: int,
+              weights_blob: bytes | None = None) -> VerifiedBlock:
+        """Build and sign the block that would extend the head (genesis on an empty chain), without adding it.
 
-        A proposer that needs co-signatures first builds, collects them, then accepts: its ledger never holds
-        a block the other super nodes did not agree to.
+        ``records`` must be receipts whose signatures were checked on arrival; they must be for ``round`` and
+        start from the head's model (ValueError otherwise). ``weights_blob``, when given, must be
+        ``encode_weights(weights)``; otherwise the weights are encoded here. The weights are hashed once.
+        A proposer that needs co-signatures builds, collects them (``VerifiedBlock.cosigned``), then accepts: its
+        ledger never holds a block the other super nodes did not agree to.
         """
-        with self._lock:
-            tip = self._tip
-        header = build_header(prev=tip.header if tip else None, prev_hash=tip.hash if tip else None,
+        head = self._head
+        digest = model_hash(weights)
+        base = head.model_hash if head is not None else digest
+        for pos, signed in enumerate(records):
+            record = signed.record
+            if record.round != round or record.base_model_hash != base:
+                raise ValueError(f"record {pos} (trainer {record.trainer_id}) is for round {record.round} from "
+                                 f"model {record.base_model_hash[:16]}..., not round {round} from {base[:16]}...")
+        header = build_header(prev=head, prev_hash=head.hash if head is not None else None,
                               timestamp_ms=timestamp_ms, round=round, algorithm=algorithm, params=params,
-                              model_hash=new_model_hash or model_hash(weights), records=records,
-                              metrics=metrics, proposer=self.key)
-        return SignedBlock.create(header, self.key)
+                              model_hash=digest, records=records, metrics=metrics, proposer=self.key)
+        blob = weights_blob if weights_blob is not None else encode_weights(weights)
+        return VerifiedBlock(SignedBlock.create(header, self.key), tuple(records), blob)
 
-    def propose(self, *, round: int, algorithm: str, params: dict[str, Any], weights: dict[str, np.ndarray],
-                records: list[SignedRecord], metrics: dict[str, int], timestamp_ms: int,
-                client_state: dict[str, bytes] | None = None,
-                new_model_hash: str | None = None) -> tuple[SignedBlock, Future]:
-        """Build and sign the next block (genesis when the chain is empty) and queue it for writing.
+    def verify(self, block: SignedBlock, records: Iterable[SignedRecord], weights_blob: bytes,
+               cosignatures: Iterable[Cosignature] = ()) -> VerifiedBlock:
+        """Verify a block received from elsewhere against this node's head and the chain's authority.
 
-        Returns the block at once and a future that resolves when it is durable.
+        Raises NotExtendingHead when it is not the next block after the head (stale, or this node is behind),
+        chain.verify.VerificationError when anything else is wrong.
         """
-        with self._lock:
-            block = self.build(round=round, algorithm=algorithm, params=params, weights=weights, records=records,
-                               metrics=metrics, timestamp_ms=timestamp_ms, new_model_hash=new_model_hash)
-            self._tip = Tip(block.header, block.hash)
-        # Encode now, not on the writer thread: the caller may reuse its arrays once we return.
-        blob = encode_weights(weights)
-        future = self.writer.submit(self._write, block, records, lambda: blob, (), client_state)
-        return block, future
-
-    def accept(self, block: SignedBlock, records: list[SignedRecord], weights_blob: bytes,
-               cosignatures: Iterable[Cosignature] = ()) -> Future:
-        """Queue a block proposed elsewhere; the store verifies it fully before writing it."""
-        with self._lock:
+        head = self._head
+        try:
             header = block.header
-            expected = self._tip.header.height + 1 if self._tip else 0
-            if header.height != expected or (self._tip and header.prev_hash != self._tip.hash):
-                raise NotExtendingHead(f"block {header.height} does not extend this node's tip "
-                                       f"(expected height {expected})")
-            previous = self._tip
-            self._tip = Tip(header, block.hash)
-        future = self.writer.submit(self._write, block, records, lambda: weights_blob, tuple(cosignatures), None)
-        future.add_done_callback(lambda f: self._rollback(previous, block) if f.exception() else None)
+        except MalformedError:
+            pass   # verify_block names it
+        else:
+            if not extends(head, header):
+                raise NotExtendingHead(_not_extending(header.height, head))
+        authority = self.authority if head is not None else None
+        return verify_block(block, records, weights_blob, cosignatures, prev=head,
+                            authorities=[authority] if authority is not None else None)
+
+    def accept(self, verified: VerifiedBlock, client_state: dict[str, bytes] | None = None) -> Future[Head]:
+        """Make ``verified`` the head now and queue its write; the future resolves to its Head once durable.
+
+        Raises NotExtendingHead (nothing queued) unless it extends the head. If the write fails, the head goes
+        back to the one before it.
+        """
+        header = verified.header
+        with self._accepting:
+            with self._state:
+                previous = self._head
+                if not extends(previous, header):
+                    raise NotExtendingHead(_not_extending(header.height, previous))
+                self._head = verified.head
+            future = self.writer.submit(self._write, verified, client_state)
+        future.add_done_callback(lambda f: self._rollback(header.height, previous) if f.exception() else None)
         return future
 
-    def _rollback(self, previous: Tip | None, block: SignedBlock) -> None:
-        with self._lock:
-            if self._tip is not None and self._tip.hash == block.hash:
-                self._tip = previous
+    def _rollback(self, height: int, previous: Head | None) -> None:
+        # Every block queued after a failed one fails too (the writer stops), so the head returns to the
+        # newest block before the first failure.
+        with self._state:
+            if self._head is not None and self._head.height >= height:
+                self._head = previous
 
-    def _write(self, block: SignedBlock, records: list[SignedRecord], blob_fn, cosignatures,
-               client_state) -> SignedBlock:
-        self.store.append(block, records, blob_fn(), cosignatures=cosignatures, client_state=client_state)
+    def _write(self, verified: VerifiedBlock, client_state: dict[str, bytes] | None) -> Head:
+        self.store.append(verified, client_state=client_state)
+        head = self._durable = verified.head
         if self.checkpoint_path is not None:
-            header = block.header
-            Checkpoint.create(header.height, block.hash, self.key).write(self.checkpoint_path)
-        return block
-
-    def add_cosignatures(self, height: int, cosignatures: Iterable[Cosignature]) -> Future:
-        return self.writer.submit(self.store.add_cosignatures, height, list(cosignatures))
+            Checkpoint.create(head.height, head.hash, self.key).write(self.checkpoint_path)
+        return head
 
     # ---- reading --------------------------------------------------------------------------------------------
 
     def load_weights(self, height: int | None = None) -> dict[str, np.ndarray]:
-        """The model recorded at ``height`` (default: the durable head), checked against its hash."""
-        return decode_weights(self.load_weights_blob(height))
+        """The model recorded at ``height`` (default: the head), decoded once and checked against its hash."""
+        return self.store.load_weights(self._durable_height(height))
 
-    def load_weights_blob(self, height: int | None = None) -> bytes:
-        if height is None:
-            self.flush()
-            head = self.store.head()
-            if head is None:
-                raise LookupError("the ledger is empty")
-            height = head.height
-        return self.store.load_weights_blob(height)
+    def load_weights_blob(self, height: int) -> bytes:
+        """The encoded model recorded at ``height``, checked against its chunk digests only (for serving peers)."""
+        return self.store.load_weights_blob(self._durable_height(height))
+
+    def blocks(self, start: int, end: int | None = None) -> Iterator[VerifiedBlock]:
+        """Blocks ``start..end`` (inclusive; default: to the head) with their records, blob and co-signatures."""
+        if end is None and self._head is None:
+            return iter(())
+        return self.store.blocks(start, self._durable_height(end))
 
     def get_block(self, height: int) -> tuple[SignedBlock, list[SignedRecord]]:
-        return self.store.get_block(height)
+        return self.store.get_block(self._durable_height(height))
 
-    def verify(self, check_models: bool = True) -> VerifyReport:
+    def verify_chain(self, check_models: bool = True) -> VerifyReport:
+        """Verify the whole stored chain and this node's checkpoint (chain.verify.verify_chain)."""
         self.flush()
         checkpoint = Checkpoint.read(self.checkpoint_path) if self.checkpoint_path and \
             self.checkpoint_path.exists() else None
         return verify_chain(self.store, check_models=check_models, checkpoint=checkpoint,
                             checkpoint_keys=[self.key.public_hex])
+
+    def _durable_height(self, height: int | None) -> int:
+        """``height`` (default: the head's), after waiting for its write if it is still queued."""
+        if height is None:
+            head = self._head
+            if head is None:
+                raise LookupError("the ledger is empty")
+            height = head.height
+        durable = self._durable
+        if durable is None or durable.height < height:
+            self.flush()
+        return height
+
+
+def _not_extending(height: int, head: Head | None) -> str:
+    expected = head.height + 1 if head is not None else 0
+    return f"block {height} does not extend this node's head (expected height {expected})"

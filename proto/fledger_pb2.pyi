@@ -124,19 +124,37 @@ class MemberList(_message.Message):
     members: _containers.RepeatedCompositeFieldContainer[MemberEntry]
     def __init__(self, members: _Optional[_Iterable[_Union[MemberEntry, _Mapping]]] = ...) -> None: ...
 
+class RoundPlan(_message.Message):
+    __slots__ = ("algorithm", "lr", "local_epochs", "batch_size", "momentum", "seed")
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    algorithm: str
+    lr: float
+    local_epochs: int
+    batch_size: int
+    momentum: float
+    seed: int
+    def __init__(self, algorithm: _Optional[str] = ..., lr: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
 class RoundAnnouncement(_message.Message):
-    __slots__ = ("round", "base_height", "base_model_hash", "proposer_id", "participants")
+    __slots__ = ("round", "base_height", "base_model_hash", "proposer_id", "participants", "plan")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     PROPOSER_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     round: int
     base_height: int
     base_model_hash: str
     proposer_id: str
     participants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., base_height: _Optional[int] = ..., base_model_hash: _Optional[str] = ..., proposer_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ...) -> None: ...
+    plan: RoundPlan
+    def __init__(self, round: _Optional[int] = ..., base_height: _Optional[int] = ..., base_model_hash: _Optional[str] = ..., proposer_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[RoundPlan, _Mapping]] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("node_id", "reason")

@@ -78,7 +78,8 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AssignSuperNode(self, request, context):
-        """For an edge node: the live SN with the fewest edge nodes (NodeInfo.node_id/public_key of the EN).
+        """For an edge node: the live SN at position partition_index mod K in join order when it has room, else the one
+        with the fewest edge nodes (NodeInfo.node_id/public_key/partition_index of the EN).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,17 +1,15 @@
 """One engine factory for SQLite and MySQL/MariaDB URLs; backend differences live here."""
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 
 class StorageUnavailable(RuntimeError):
     """The database URL is malformed or the server cannot be reached."""
-
-
-def is_mysql(url: str) -> bool:
-    return url.startswith(("mysql", "mariadb"))
 
 
 def make_engine(url: str, *, create_database: bool = True) -> Engine:
@@ -33,7 +31,7 @@ def make_engine(url: str, *, create_database: bool = True) -> Engine:
     return create_engine(parsed, pool_pre_ping=True, pool_recycle=3600)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")      # readers do not block the background writer
     cursor.execute("PRAGMA synchronous=FULL")      # a committed block survives power loss
@@ -41,8 +39,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _ensure_mysql_database(parsed) -> None:
-    name = parsed.database
+def _ensure_mysql_database(parsed: URL) -> None:
+    name = parsed.database or ""
     if not name.replace("_", "").isalnum():
         raise StorageUnavailable(f"database name {name!r} must be letters, digits and underscores")
     # URL.set() ignores None, so it cannot drop the database name; _replace (NamedTuple) can.

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 tables for blocks, update records, weight chunks, co-signatures, nodes and client state."""
+"""SQLAlchemy 2.0 tables for blocks, update records, weight chunks, co-signatures and client state."""
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, ForeignKey, Integer, LargeBinary, String
@@ -63,17 +63,6 @@ class CosignatureRow(Base):
                                         autoincrement=False)
     signer_key: Mapped[str] = mapped_column(String(64), primary_key=True)
     signature: Mapped[bytes] = mapped_column(LargeBinary(64))
-
-
-class NodeRow(Base):
-    """A node this store has heard of (registry, not ledger: nothing here is hashed)."""
-
-    __tablename__ = "nodes"
-    node_id: Mapped[str] = mapped_column(NodeId, primary_key=True)
-    public_key: Mapped[str] = mapped_column(String(64))
-    role: Mapped[str] = mapped_column(String(8))
-    address: Mapped[str] = mapped_column(String(255), default="")
-    last_seen_ms: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class ClientStateRow(Base):

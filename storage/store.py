@@ -1,46 +1,43 @@
-"""The SQL ledger store: appends whole blocks in one transaction and reads them back for verification."""
+"""The SQL ledger store: writes verified blocks whole, in one transaction, and reads them back for verification."""
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import functools
+from collections.abc import Iterator
 
+import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.encoding import ZERO_HASH, sha256_hex
 from chain.source import StoredBlock, StoredChunk, StoredRecord
 from chain.tensors import split_chunks
-from chain.verify import VerificationError, check_block, check_model
+from chain.verify import Head, VerificationError, VerifiedBlock, check_model, extends, read_blob
 from storage.engine import StorageUnavailable, make_engine
-from storage.models import Base, BlockRow, ChunkRow, ClientStateRow, CosignatureRow, NodeRow, RecordRow
+from storage.models import Base, BlockRow, ChunkRow, ClientStateRow, CosignatureRow, RecordRow
 
-log = logging.getLogger(__name__)
+__all__ = ["CHUNK_BYTES", "Head", "LedgerStore", "NotExtendingHead", "StoreError"]
 
 CHUNK_BYTES = 4 * 1024 * 1024   # escaped by PyMySQL this stays far below MariaDB's 16 MB max_allowed_packet
 READ_PAGE = 500                 # blocks per query when walking the chain
 
 
 class StoreError(ValueError):
-    """A block was refused; nothing was written."""
+    """A block was refused or a stored one cannot be read back intact; nothing was written."""
 
 
 class NotExtendingHead(StoreError):
     """The block's height or previous hash does not follow the stored head."""
 
 
-@dataclass(frozen=True)
-class Head:
-    height: int
-    hash: str
-    model_hash: str
-
-
 class LedgerStore:
-    """Blocks, records, weights and co-signatures in one SQL database (SQLite or MySQL)."""
+    """Blocks, records, weights and co-signatures in one SQL database (SQLite or MySQL).
+
+    It holds only verified blocks: ``append`` takes a chain.verify.VerifiedBlock and checks only that it extends
+    the stored head. ``verify_chain`` re-checks everything stored (the store is a ChainSource).
+    """
 
     def __init__(self, url: str, *, chunk_bytes: int = CHUNK_BYTES):
         self.url = url
@@ -57,63 +54,43 @@ class LedgerStore:
 
     # ---- writing -------------------------------------------------------------------------------------------
 
-    def append(self, block: SignedBlock, records: list[SignedRecord], weights_blob: bytes, *,
-               cosignatures: Iterable[Cosignature] = (), client_state: dict[str, bytes] | None = None) -> None:
-        """Check the block against the head and write it whole, in one transaction, or refuse it."""
-        cosignatures = list(cosignatures)   # iterated twice below: a generator would be checked but not written
-        if len({c.signer_key for c in cosignatures}) != len(cosignatures):
-            raise StoreError("block refused: the same node co-signed it twice")
-        stored = self._as_stored(block, records, weights_blob, cosignatures)
-        with self.session.begin() as session:
-            head = self._head(session)
-            prev_hash, prev_model = (head.hash, head.model_hash) if head else (ZERO_HASH, None)
-            expected = head.height + 1 if head else 0
-            authorities = {self._genesis_key(session)} if head else None
-            header = _checked(stored, expected, prev_hash, prev_model, authorities)
-            session.add(BlockRow(height=header.height, hash=block.hash, prev_hash=header.prev_hash,
-                                 round=header.round, timestamp_ms=header.timestamp_ms,
-                                 model_hash=header.model_hash, proposer_id=header.proposer_id,
-                                 header_bytes=block.header_bytes, signature=block.signature))
-            session.flush()
-            for pos, rec in enumerate(records):
-                parsed = rec.record
-                session.add(RecordRow(height=header.height, position=pos, trainer_id=parsed.trainer_id,
-                                      update_hash=parsed.update_hash, samples=parsed.samples,
-                                      record_bytes=rec.record_bytes, signature=rec.signature))
-            for chunk in stored.load_chunks():
-                session.add(ChunkRow(height=header.height, seq=chunk.seq, digest=chunk.digest, data=chunk.data))
-                session.flush()   # one INSERT per chunk keeps each statement under max_allowed_packet
-            for cosig in cosignatures:
-                session.add(CosignatureRow(height=header.height, signer_key=cosig.signer_key,
-                                           signature=cosig.signature))
-            for client_id, data in (client_state or {}).items():
-                session.merge(ClientStateRow(client_id=client_id, height=header.height, data=data))
-            try:
-                session.flush()
-            except IntegrityError as exc:
-                raise NotExtendingHead(f"block {header.height} was written concurrently: {exc.orig}") from exc
+    def append(self, verified: VerifiedBlock, *, client_state: dict[str, bytes] | None = None) -> None:
+        """Write a verified block whole (records, weight chunks, co-signatures, client state) in one transaction.
 
-    def add_cosignatures(self, height: int, cosignatures: Iterable[Cosignature]) -> None:
-        """Attach co-signatures to a stored block; each must be valid for it."""
-        with self.session.begin() as session:
-            row = session.get(BlockRow, height)
-            if row is None:
-                raise StoreError(f"no block at height {height}")
-            for cosig in cosignatures:
-                if not cosig.valid_for(height, row.hash):
-                    raise StoreError(f"co-signature by {cosig.signer_key[:16]}... is not valid for block {height}")
-                session.merge(CosignatureRow(height=height, signer_key=cosig.signer_key, signature=cosig.signature))
-
-    def _as_stored(self, block: SignedBlock, records: list[SignedRecord], weights_blob: bytes,
-                   cosignatures: Iterable[Cosignature]) -> StoredBlock:
+        Raises NotExtendingHead, writing nothing, unless it is the next block after the stored head.
+        """
+        block, header = verified.block, verified.header
+        chunks = split_chunks(verified.weights_blob, self.chunk_bytes)
         try:
-            header = block.header
-        except ValueError as exc:
-            raise StoreError(f"block refused: {exc}") from exc
-        chunks = [StoredChunk(i, c, sha256_hex(c)) for i, c in enumerate(split_chunks(weights_blob, self.chunk_bytes))]
-        rec_rows = [StoredRecord(i, r.record_bytes, r.signature, {}) for i, r in enumerate(records)]
-        return StoredBlock(header.height, block.hash, block.header_bytes, block.signature, {}, rec_rows,
-                           [(c.signer_key, c.signature) for c in cosignatures], lambda: chunks)
+            with self.session.begin() as session:
+                head = self._head(session)
+                if not extends(head, header):
+                    expected, prev_hash = (head.height + 1, head.hash) if head else (0, ZERO_HASH)
+                    raise NotExtendingHead(f"block {header.height} does not extend the head "
+                                           f"(expected height {expected} after {prev_hash[:16]}...)")
+                session.add(BlockRow(height=header.height, hash=block.hash, prev_hash=header.prev_hash,
+                                     round=header.round, timestamp_ms=header.timestamp_ms,
+                                     model_hash=header.model_hash, proposer_id=header.proposer_id,
+                                     header_bytes=block.header_bytes, signature=block.signature))
+                session.flush()
+                for pos, rec in enumerate(verified.records):
+                    parsed = rec.record
+                    session.add(RecordRow(height=header.height, position=pos, trainer_id=parsed.trainer_id,
+                                          update_hash=parsed.update_hash, samples=parsed.samples,
+                                          record_bytes=rec.record_bytes, signature=rec.signature))
+                for seq, data in enumerate(chunks):
+                    session.add(ChunkRow(height=header.height, seq=seq, digest=sha256_hex(data), data=data))
+                    session.flush()   # one INSERT per chunk keeps each statement under max_allowed_packet
+                for cosig in verified.cosignatures:
+                    session.add(CosignatureRow(height=header.height, signer_key=cosig.signer_key,
+                                               signature=cosig.signature))
+                for client_id, state in (client_state or {}).items():
+                    session.merge(ClientStateRow(client_id=client_id, height=header.height, data=state))
+                session.flush()
+        except IntegrityError as exc:
+            if self._has_block(header.height):
+                raise NotExtendingHead(f"block {header.height} was written concurrently: {exc.orig}") from exc
+            raise StoreError(f"block {header.height} refused by the database: {exc.orig}") from exc
 
     # ---- reading -------------------------------------------------------------------------------------------
 
@@ -123,14 +100,13 @@ class LedgerStore:
 
     @staticmethod
     def _head(session: Session) -> Head | None:
-        row = session.execute(select(BlockRow.height, BlockRow.hash, BlockRow.model_hash)
+        row = session.execute(select(BlockRow.height, BlockRow.hash, BlockRow.model_hash, BlockRow.round)
                               .order_by(BlockRow.height.desc()).limit(1)).first()
-        return Head(row.height, row.hash, row.model_hash) if row else None
+        return Head(row.height, row.hash, row.model_hash, row.round) if row else None
 
-    @staticmethod
-    def _genesis_key(session: Session) -> str:
-        row = session.get(BlockRow, 0)
-        return SignedBlock(row.header_bytes, row.signature).header.proposer_key if row else ""
+    def _has_block(self, height: int) -> bool:
+        with self.session() as session:
+            return session.get(BlockRow, height) is not None
 
     def count(self) -> int:
         with self.session() as session:
@@ -151,16 +127,38 @@ class LedgerStore:
             rows = session.scalars(select(CosignatureRow).where(CosignatureRow.height == height)).all()
             return [Cosignature(r.signer_key, r.signature) for r in rows]
 
+    def load_weights(self, height: int) -> dict[str, np.ndarray]:
+        """The block's weights, decoded once and checked against each chunk digest and the block's model hash."""
+        try:
+            return check_model(self._stored(height))
+        except VerificationError as exc:
+            raise StoreError(str(exc)) from exc
+
     def load_weights_blob(self, height: int) -> bytes:
-        """The block's weights, checked against each chunk digest and the block's model hash."""
+        """The block's encoded weights, checked against each chunk digest only (not decoded): for serving peers,
+        who verify the model hash themselves."""
+        try:
+            return read_blob(self._stored(height))
+        except VerificationError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def blocks(self, start: int = 0, end: int | None = None) -> Iterator[VerifiedBlock]:
+        """Stored blocks ``start..end`` (inclusive; ``end`` None: to the head) with their records, blob (chunk
+        digests checked) and co-signatures. They count as verified: the store holds only verified blocks."""
+        for stored in self.iter_blocks(start, end):
+            try:
+                blob = read_blob(stored)
+            except VerificationError as exc:
+                raise StoreError(str(exc)) from exc
+            yield VerifiedBlock(SignedBlock(stored.header_bytes, stored.signature),
+                                tuple(SignedRecord(r.record_bytes, r.signature) for r in stored.records), blob,
+                                tuple(Cosignature(key, sig) for key, sig in stored.cosignatures))
+
+    def _stored(self, height: int) -> StoredBlock:
         stored = next(self.iter_blocks(height, height), None)
         if stored is None:
             raise StoreError(f"no block at height {height}")
-        try:
-            check_model(stored)
-        except VerificationError as exc:
-            raise StoreError(str(exc)) from exc
-        return b"".join(c.data for c in stored.load_chunks())
+        return stored
 
     def _chunks(self, height: int) -> list[StoredChunk]:
         with self.session() as session:
@@ -197,42 +195,20 @@ class LedgerStore:
                      "timestamp_ms": row.timestamp_ms, "model_hash": row.model_hash,
                      "proposer_id": row.proposer_id},
                     records.get(row.height, []), cosigs.get(row.height, []),
-                    lambda h=row.height: self._chunks(h))
+                    functools.partial(self._chunks, row.height))
             next_height = hi + 1
 
-    # ---- client state and nodes ------------------------------------------------------------------------------
+    # ---- client state ----------------------------------------------------------------------------------------
 
     def client_states(self) -> dict[str, tuple[int, bytes]]:
         with self.session() as session:
             return {r.client_id: (r.height, r.data) for r in session.scalars(select(ClientStateRow))}
-
-    def upsert_node(self, node_id: str, public_key: str, role: str, address: str, last_seen_ms: int) -> None:
-        with self.session.begin() as session:
-            session.merge(NodeRow(node_id=node_id, public_key=public_key, role=role, address=address,
-                                  last_seen_ms=last_seen_ms))
 
     def reset(self) -> None:
         """Drop every block and client state (``--fresh``)."""
         with self.session.begin() as session:
             for table in (ClientStateRow, CosignatureRow, ChunkRow, RecordRow, BlockRow):
                 session.execute(delete(table))
-
-
-def _checked(stored: StoredBlock, expected: int, prev_hash: str, prev_model: str | None,
-             authorities: set[str] | None):
-    try:
-        header = SignedBlock(stored.header_bytes, stored.signature).header
-    except ValueError as exc:
-        raise StoreError(f"block refused: {exc}") from exc
-    if header.height != expected or header.prev_hash != prev_hash:
-        raise NotExtendingHead(f"block {header.height} does not extend the head "
-                               f"(expected height {expected} after {prev_hash[:16]}...)")
-    try:
-        result = check_block(stored, expected, prev_hash, prev_model, authorities)
-        check_model(stored)
-    except VerificationError as exc:
-        raise StoreError(f"block {header.height} refused: {exc.check}: {exc.detail}") from exc
-    return result
 
 
 def _safe(url: str) -> str:

@@ -6,11 +6,12 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+T = TypeVar("T")
 
 
 class WriterFailed(RuntimeError):
@@ -31,8 +32,8 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
         if self._failure is not None:
             future.set_exception(WriterFailed(f"ledger writer stopped after an error: {self._failure}"))
             return future

@@ -19,8 +19,9 @@ from sqlalchemy.exc import OperationalError
 from chain.block import Cosignature, SignedRecord, UpdateRecord
 from chain.keys import NodeKey
 from chain.tensors import model_hash
+from chain.verify import Head
 from node.ledger import CHECKPOINT_FILE, KEY_FILE, Ledger
-from storage.store import CHUNK_BYTES, Head, LedgerStore
+from storage.store import CHUNK_BYTES, LedgerStore
 
 MYSQL_URL_VAR = "FLEDGER_TEST_MYSQL_URL"
 REQUIRE_MYSQL_VAR = "FLEDGER_REQUIRE_MYSQL"
@@ -136,14 +137,14 @@ def build_chain(url: str, n_blocks: int = 6, trainers: int = 3, tensor_shape: tu
     try:
         for round_ in range(n_blocks):
             weights = global_weights(round_, tensor_shape, seed)
-            base = ledger.tip.header.model_hash if ledger.tip else model_hash(weights)
+            base = ledger.head.model_hash if ledger.head else model_hash(weights)
             records = signed_records(round_, base, keys, seed) if round_ else []
-            block, _durable = ledger.propose(round=round_, algorithm="fedavg", params=PARAMS, weights=weights,
-                                             records=records, metrics={"accuracy_bp": 5000 + 100 * round_},
-                                             timestamp_ms=GENESIS_TIME_MS + 1000 * round_)
-            if cosigner_keys:
-                ledger.add_cosignatures(round_, [Cosignature.create(round_, block.hash, k) for k in cosigner_keys])
-            heads.append(Head(round_, block.hash, block.header.model_hash))
+            built = ledger.build(round=round_, algorithm="fedavg", params=PARAMS, weights=weights, records=records,
+                                 metrics={"accuracy_bp": 5000 + 100 * round_},
+                                 timestamp_ms=GENESIS_TIME_MS + 1000 * round_)
+            built = built.cosigned(Cosignature.create(round_, built.block.hash, k) for k in cosigner_keys)
+            ledger.accept(built)
+            heads.append(built.head)
         ledger.flush()
     finally:
         ledger.close()
@@ -152,7 +153,7 @@ def build_chain(url: str, n_blocks: int = 6, trainers: int = 3, tensor_shape: tu
 
 # ---- one built chain per backend, copied fresh for every test that damages it ------------------------------------
 
-LEDGER_TABLES = ("blocks", "update_records", "model_chunks", "cosignatures", "nodes", "client_state")
+LEDGER_TABLES = ("blocks", "update_records", "model_chunks", "cosignatures", "client_state")
 TEMPLATE_BLOCKS = 6
 TEMPLATE_CHUNK_BYTES = 4096      # a (64, 32) float32 model then spans 3 chunks, so chunks can be swapped
 

@@ -6,8 +6,16 @@ import json
 
 import pytest
 
-from chain.block import (BlockHeader, Cosignature, MalformedError, SignedBlock, SignedRecord, UpdateRecord,
-                         build_header, records_root)
+from chain.block import (
+    BlockHeader,
+    Cosignature,
+    MalformedError,
+    SignedBlock,
+    SignedRecord,
+    UpdateRecord,
+    build_header,
+    records_root,
+)
 from chain.checkpoint import Checkpoint, CheckpointError
 from chain.encoding import ZERO_HASH, canonical_bytes, sha256_hex
 from chain.keys import NodeKey
@@ -98,7 +106,8 @@ def test_checkpoint_signature_is_valid_and_fails_for_another_hash():
     assert checkpoint.valid() and not dataclasses.replace(checkpoint, hash="00" * 32).valid()
 
 
-@pytest.mark.parametrize("body", ["", "{}", "not json", '{"height": 1, "hash": "zz", "signer_key": "", "signature": ""}',
+@pytest.mark.parametrize("body", ["", "{}", "not json",
+                                  '{"height": 1, "hash": "zz", "signer_key": "", "signature": ""}',
                                   '{"height": -1, "hash": "' + "a" * 64 + '", "signer_key": "", "signature": ""}'])
 def test_checkpoint_read_refuses_a_malformed_file(tmp_path, body):
     (tmp_path / "cp.json").write_text(body)
@@ -149,6 +158,31 @@ def test_block_header_from_bytes_refuses_non_canonical_bytes():
     pretty = json.dumps(_header_dict(), sort_keys=True, indent=1).encode()
     with pytest.raises(MalformedError):
         BlockHeader.from_bytes(pretty)
+
+
+def test_signed_block_parses_its_header_once():
+    block = SignedBlock.create(genesis_header(), PROPOSER)
+    assert (block.header is block.header, block.header == genesis_header()) == (True, True)
+
+
+def test_signed_record_parses_its_record_once():
+    signed = SignedRecord.create(a_record(), TRAINER)
+    assert (signed.record is signed.record, signed.record == a_record()) == (True, True)
+
+
+def test_signed_block_with_a_malformed_header_raises_on_every_access():
+    block = SignedBlock(canonical_bytes(_without(_header_dict(), "metrics")), b"\x00" * 64)
+    with pytest.raises(MalformedError, match="missing field"):
+        _ = block.header
+    with pytest.raises(MalformedError, match="missing field"):   # a failed parse is not cached
+        _ = block.header
+
+
+def test_cached_header_leaves_equality_and_hashing_to_the_signed_bytes():
+    block = SignedBlock.create(genesis_header(), PROPOSER)
+    fresh = SignedBlock(block.header_bytes, block.signature)
+    _ = block.header
+    assert (block == fresh, hash(block) == hash(fresh)) == (True, True)
 
 
 def test_signed_block_check_refuses_a_short_signature():

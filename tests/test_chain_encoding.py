@@ -1,4 +1,4 @@
-"""Known-value tests for the canonical encoding: exact bytes, refused floats, refused non-canonical JSON, fixed point."""
+"""Known-value tests for the canonical encoding: exact bytes, refused floats and non-canonical JSON, fixed point."""
 from __future__ import annotations
 
 import hashlib

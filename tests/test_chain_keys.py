@@ -25,7 +25,8 @@ def test_key_file_with_loose_permissions_is_tightened_on_load(tmp_path):
     assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
+@pytest.mark.parametrize("content", [b"", b"garbage",
+                                     b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
 def test_garbage_key_file_gives_key_file_error(tmp_path, content):
     (tmp_path / "node.key").write_bytes(content)
     with pytest.raises(KeyFileError):

@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from chain.merkle import inclusion_proof, leaf_hash, merkle_root, verify_inclusion
+from chain.merkle import InclusionError, inclusion_proof, leaf_hash, merkle_root, verify_inclusion
 
 # The reference leaves of certificate-transparency's merkle_tree_test and the roots of their prefixes.
 CT_LEAVES = [bytes.fromhex(h) for h in ("", "00", "10", "2021", "3031", "40414243", "5051525354555657",
@@ -50,12 +50,21 @@ def _leaves(size: int) -> list[bytes]:
     return [f"leaf-{i}".encode() for i in range(size)]
 
 
+def _verifies(leaf: bytes, index: int, size: int, proof: list[str], root: str) -> bool:
+    """Whether verify_inclusion accepts the proof (it raises InclusionError when it does not)."""
+    try:
+        verify_inclusion(leaf, index, size, proof, root)
+    except InclusionError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("size", range(1, 18))
 def test_inclusion_proof_verifies_for_every_leaf(size):
     leaves = _leaves(size)
     root = merkle_root(leaves)
     failures = [i for i in range(size)
-                if not verify_inclusion(leaves[i], i, size, inclusion_proof(leaves, i), root)]
+                if not _verifies(leaves[i], i, size, inclusion_proof(leaves, i), root)]
     assert failures == []
 
 
@@ -64,7 +73,7 @@ def test_inclusion_proof_fails_for_a_wrong_leaf(size):
     leaves = _leaves(size)
     root = merkle_root(leaves)
     accepted = [i for i in range(size)
-                if verify_inclusion(b"not-a-leaf", i, size, inclusion_proof(leaves, i), root)]
+                if _verifies(b"not-a-leaf", i, size, inclusion_proof(leaves, i), root)]
     assert accepted == []
 
 
@@ -73,7 +82,7 @@ def test_inclusion_proof_fails_for_a_wrong_index(size):
     leaves = _leaves(size)
     root = merkle_root(leaves)
     accepted = [(i, j) for i in range(size) for j in (i - 1, i + 1, size)
-                if verify_inclusion(leaves[i], j, size, inclusion_proof(leaves, i), root)]
+                if _verifies(leaves[i], j, size, inclusion_proof(leaves, i), root)]
     assert accepted == []
 
 
@@ -82,10 +91,16 @@ def test_inclusion_proof_fails_for_a_wrong_root(size):
     leaves = _leaves(size)
     wrong_root = merkle_root(leaves + [b"extra"])
     accepted = [i for i in range(size)
-                if verify_inclusion(leaves[i], i, size, inclusion_proof(leaves, i), wrong_root)]
+                if _verifies(leaves[i], i, size, inclusion_proof(leaves, i), wrong_root)]
     assert accepted == []
 
 
 def test_inclusion_proof_refuses_an_index_out_of_range():
     with pytest.raises(IndexError):
         inclusion_proof(_leaves(3), 3)
+
+
+def test_verify_inclusion_error_names_the_leaf_and_the_root():
+    leaves = _leaves(5)
+    with pytest.raises(InclusionError, match="leaf 2 of 5 .* not to root"):
+        verify_inclusion(b"not-a-leaf", 2, 5, inclusion_proof(leaves, 2), merkle_root(leaves))

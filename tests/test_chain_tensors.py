@@ -6,8 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from chain.tensors import (DTYPES, MAGIC, TensorFormatError, decode_weights, encode_weights, model_hash,
-                           split_chunks)
+from chain.tensors import DTYPES, MAGIC, TensorFormatError, decode_weights, encode_weights, model_hash, split_chunks
 
 SMALL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -1], dtype=np.int8)}
 # Computed once and cross-checked with a hand-written hashlib digest over the documented layout.

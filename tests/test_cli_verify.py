@@ -79,5 +79,5 @@ def test_cli_verify_without_db_is_a_usage_error():
                          ids=["garbage", "unsupported", "unreachable-mysql", "sqlite-bad-dir"])
 def test_cli_verify_bad_database_url_is_a_one_line_usage_error(url):
     result = verify("--db", url)
-    assert (result.returncode, len(result.stderr.strip().splitlines()), "Traceback" in result.stderr) == (2, 1, False), \
-        result.stderr
+    lines = len(result.stderr.strip().splitlines())
+    assert (result.returncode, lines, "Traceback" in result.stderr) == (2, 1, False), result.stderr

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import mysql_admin_execute, mysql_server_url
-from node.cluster import check_chains, start_node, stop_all, train, wait_for_members
+from node.cli.cluster import check_chains, start_node, stop_all, train, wait_for_members
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -20,12 +20,13 @@ from chain.keys import NodeKey
 from chain.tensors import model_hash
 from fl.data import Dataset
 from fl.models import build_model
-from fl.participant import InProcessParticipant, Workbench
-from node import serde, transport
-from node.console import Console
-from node.edge import EdgeNode
+from fl.local import InProcessParticipant, Workbench
+from node.rpc import serde
+from node.rpc import transport
+from node.console.repl import Console
+from node.process.edge import EdgeNode
 from node.ledger import Ledger
-from node.supernode import SuperNode
+from node.process.supernode import SuperNode
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import BlockView as BlockViewMsg
 from proto.fledger_pb2 import EdgeEval as EdgeEvalMsg

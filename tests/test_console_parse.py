@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from node.console import Console, ConsoleError, parse_command, split_script
+from node.console.repl import Console, ConsoleError, parse_command, split_script
 
 
 @pytest.mark.parametrize("line, expected", [

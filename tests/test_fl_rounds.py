@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,11 @@ import torch
 
 from fl.data import Dataset, load_dataset
 from fl.models import build_model, split_keys
-from fl.participant import EvalRes, FitIns, FitRes, InProcessParticipant, Participant, Workbench
+from fl.aggregate import Accumulator, weighted_average
+from fl.local import InProcessParticipant, Workbench
+from fl.participant import EvalRes, FitIns, FitRes
 from fl.partition import local_split, partition
-from fl.server import RoundFailed, evaluate_personalized, run_round
+from fl.server import RoundFailed, evaluate_personalised, run_round
 from fl.strategy import FedAvg, make_strategy
 from fl.weights import load_numpy, state_to_numpy
 
@@ -48,7 +49,8 @@ def run_loop(dataset: Dataset, name: str, seed: int, rounds: int = 2, max_worker
     _, global_weights, shared, participants = make_federation(dataset, strategy)
     for rnd in range(1, rounds + 1):
         outcome = run_round(rnd, participants, {k: global_weights[k] for k in shared},
-                            lambda i, p, r=rnd: strategy.fit_ins(r, i), max_workers=max_workers)
+                            lambda i, p, r=rnd: strategy.fit_ins(r, i), strategy.aggregator(),
+                            max_workers=max_workers)
         global_weights = {**global_weights, **outcome.weights}
     return global_weights, participants
 
@@ -80,10 +82,15 @@ def test_fedper_shares_only_base_keys_and_keeps_personal_layers(mnist: Dataset) 
     strategy = make_strategy("fedper", seed=0, batch_size=16)
     bench, initial, shared, participants = make_federation(mnist, strategy)
     base, personal = split_keys(bench.model)
+    returned: list[list[str]] = []
+
+    def record_keys(p, res: FitRes) -> None:   # the check hook sees each result before its weights are folded
+        returned.append(sorted(res.weights))
+
     outcome = run_round(1, participants, {k: initial[k] for k in shared}, lambda i, p: strategy.fit_ins(1, i),
-                        keep_weights=True)
+                        strategy.aggregator(), check=record_keys)
     assert sorted(outcome.weights) == sorted(base)
-    assert all(sorted(res.weights) == sorted(base) for _, res in outcome.results)
+    assert returned == [sorted(base)] * len(participants)
     states = [p.personal_state() for p in participants]
     assert all(sorted(s) == sorted(personal) for s in states)
     assert not np.array_equal(states[0]["fc3.weight"], initial["fc3.weight"])
@@ -93,7 +100,8 @@ def test_fedper_shares_only_base_keys_and_keeps_personal_layers(mnist: Dataset) 
 def test_fedper_personal_state_survives_a_restore(mnist: Dataset) -> None:
     strategy = make_strategy("fedper", seed=0, batch_size=16)
     _, initial, shared, participants = make_federation(mnist, strategy)
-    outcome = run_round(1, participants, {k: initial[k] for k in shared}, lambda i, p: strategy.fit_ins(1, i))
+    outcome = run_round(1, participants, {k: initial[k] for k in shared}, lambda i, p: strategy.fit_ins(1, i),
+                        strategy.aggregator())
     trained = participants[0].personal_state()
     before = participants[0].evaluate(outcome.weights)
     participants[0].set_personal_state({k: initial[k] for k in trained})
@@ -105,7 +113,7 @@ def test_fedper_personal_state_survives_a_restore(mnist: Dataset) -> None:
 def test_fedavg_participant_returns_the_whole_model(mnist: Dataset) -> None:
     strategy = make_strategy("fedavg", seed=0, batch_size=16)
     _, initial, shared, participants = make_federation(mnist, strategy, clients=2)
-    outcome = run_round(1, participants, initial, lambda i, p: strategy.fit_ins(1, i))
+    outcome = run_round(1, participants, initial, lambda i, p: strategy.fit_ins(1, i), strategy.aggregator())
     assert sorted(outcome.weights) == sorted(initial) and participants[0].personal_state() is None
     assert outcome.total_samples == sum(p.num_train_samples for p in participants) == 320
 
@@ -123,17 +131,33 @@ class Broken:
 
 
 class Constant:
-    """Returns fixed weights after a delay, with a receipt; lets tests control completion order."""
+    """Returns fixed weights with a receipt."""
 
-    def __init__(self, participant_id: str, value: float, delay: float, shape=(3,), samples: int = 2) -> None:
-        self.participant_id, self.value, self.delay, self.shape, self.samples = participant_id, value, delay, shape, samples
+    def __init__(self, participant_id: str, value: float, shape=(3,), samples: int = 2) -> None:
+        self.participant_id, self.value, self.shape, self.samples = participant_id, value, shape, samples
 
     def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
-        time.sleep(self.delay)
         return FitRes({"w": np.full(self.shape, self.value, np.float32)}, self.samples, {}, receipt=f"r-{self.participant_id}")
 
     def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
         return EvalRes(0.0, self.value, 1)
+
+
+class Gated(Constant):
+    """A Constant that finishes only after ``after`` is set, then sets ``done``: chains of these finish in a
+    fixed order whatever the machine's load."""
+
+    def __init__(self, participant_id: str, value: float, after: threading.Event | None, finished: list[str]) -> None:
+        super().__init__(participant_id, value)
+        self.after, self.done, self.finished = after, threading.Event(), finished
+
+    def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
+        if self.after is not None and not self.after.wait(timeout=30):
+            raise TimeoutError(f"{self.participant_id}: the participant after it never finished")
+        res = super().fit(weights, ins)
+        self.finished.append(self.participant_id)
+        self.done.set()
+        return res
 
 
 INS = FitIns(round=1, epochs=1, batch_size=1, lr=0.1, momentum=0.0, seed=0)
@@ -143,60 +167,141 @@ GLOBAL = {"w": np.zeros(3, np.float32)}
 def test_failing_participant_is_recorded_and_round_completes(mnist: Dataset) -> None:
     strategy = make_strategy("fedavg", seed=0, batch_size=16)
     _, initial, _, participants = make_federation(mnist, strategy, clients=2)
-    with_broken = run_round(1, [participants[0], Broken(), participants[1]], initial, lambda i, p: strategy.fit_ins(1, i))
+    with_broken = run_round(1, [participants[0], Broken(), participants[1]], initial, lambda i, p: strategy.fit_ins(1, i),
+                            strategy.aggregator())
     assert with_broken.failures == [("broken", "RuntimeError: disk on fire")]
     assert [pid for pid, _ in with_broken.results] == ["c0", "c1"]
-    without = run_round(1, participants, initial, lambda i, p: strategy.fit_ins(1, [0, 2][i]))
+    without = run_round(1, participants, initial, lambda i, p: strategy.fit_ins(1, [0, 2][i]), strategy.aggregator())
     assert same(with_broken.weights, without.weights)
-    assert isinstance(Broken(), Participant)
 
 
 def test_all_participants_failing_raises_round_failed() -> None:
     with pytest.raises(RoundFailed, match="disk on fire"):
-        run_round(1, [Broken(), Broken()], GLOBAL, lambda i, p: INS)
+        run_round(1, [Broken(), Broken()], GLOBAL, lambda i, p: INS, Accumulator())
 
 
 def test_malformed_result_is_rejected_as_a_failure() -> None:
-    outcome = run_round(1, [Constant("good", 1.0, 0), Constant("bad", 5.0, 0, shape=(4,))], GLOBAL, lambda i, p: INS)
+    outcome = run_round(1, [Constant("good", 1.0), Constant("bad", 5.0, shape=(4,))], GLOBAL, lambda i, p: INS,
+                        Accumulator())
     assert outcome.weights["w"].tolist() == [1.0, 1.0, 1.0]
     assert outcome.failures[0][0] == "bad" and "shape" in outcome.failures[0][1]
 
 
 def test_results_fold_in_participant_order_even_when_finishing_backwards() -> None:
-    slow_first = [Constant(f"p{i}", float(i), delay=0.2 - 0.05 * i) for i in range(4)]
+    finished: list[str] = []
+    backwards: list[Gated] = []
+    after = None
+    for i in reversed(range(4)):   # p3 finishes first, then p2 (which waits for p3), ..., p0 last
+        backwards.insert(0, Gated(f"p{i}", float(i), after, finished))
+        after = backwards[0].done
     seen: list[str] = []
-    threads: set[str] = set()
 
-    def record(pid: str, res: FitRes) -> None:
-        seen.append(pid)
-        threads.add(threading.current_thread().name)
+    outcome = run_round(1, backwards, GLOBAL, lambda i, p: INS, Accumulator(), max_workers=4,
+                        on_result=lambda pid, res: seen.append(pid))
 
-    outcome = run_round(1, slow_first, GLOBAL, lambda i, p: INS, max_workers=4, on_result=record)
+    assert finished == ["p3", "p2", "p1", "p0"]
     assert seen == ["p0", "p1", "p2", "p3"] and [pid for pid, _ in outcome.results] == seen
     assert outcome.weights["w"].tolist() == [1.5, 1.5, 1.5]
 
 
 def test_results_keep_receipt_and_samples_but_drop_weights() -> None:
-    outcome = run_round(1, [Constant("a", 1.0, 0, samples=3)], GLOBAL, lambda i, p: INS)
+    outcome = run_round(1, [Constant("a", 1.0, samples=3)], GLOBAL, lambda i, p: INS, Accumulator())
     _, res = outcome.results[0]
     assert res.receipt == "r-a" and res.samples == 3 and res.weights == {}
-    kept = run_round(1, [Constant("a", 1.0, 0)], GLOBAL, lambda i, p: INS, keep_weights=True)
-    assert kept.results[0][1].weights["w"].tolist() == [1.0, 1.0, 1.0]
 
 
-def test_evaluate_personalized_summarizes_and_skips_failures() -> None:
-    summary = evaluate_personalized([Constant("a", 0.5, 0), Broken(), Constant("b", 0.9, 0)], GLOBAL)
+def test_check_sees_each_result_with_its_weights_before_they_are_dropped() -> None:
+    seen: list[tuple[str, object, list[float]]] = []
+
+    def check(p, res: FitRes) -> None:
+        seen.append((p.participant_id, res.receipt, res.weights["w"].tolist()))
+
+    run_round(1, [Constant("a", 1.0), Constant("b", 2.0)], GLOBAL, lambda i, p: INS, Accumulator(), check=check)
+
+    assert seen == [("a", "r-a", [1.0, 1.0, 1.0]), ("b", "r-b", [2.0, 2.0, 2.0])]
+
+
+def test_result_refused_by_check_is_a_failure_and_not_folded() -> None:
+    def check(p, res: FitRes) -> None:
+        if res.receipt == "r-bad":
+            raise ValueError("receipt does not match")
+
+    outcome = run_round(1, [Constant("good", 1.0), Constant("bad", 5.0), Constant("also", 3.0)], GLOBAL,
+                        lambda i, p: INS, Accumulator(), check=check)
+
+    assert outcome.failures == [("bad", "rejected: receipt does not match")]
+    assert [pid for pid, _ in outcome.results] == ["good", "also"]
+    assert outcome.weights["w"].tolist() == [2.0, 2.0, 2.0] and outcome.total_samples == 4
+
+
+def test_all_results_refused_by_check_raises_round_failed() -> None:
+    def refuse(p, res: FitRes) -> None:
+        raise ValueError("receipt does not match")
+
+    with pytest.raises(RoundFailed, match="receipt does not match"):
+        run_round(1, [Constant("a", 1.0)], GLOBAL, lambda i, p: INS, Accumulator(), check=refuse)
+
+
+def test_round_folds_with_the_aggregator_it_is_given() -> None:
+    class Last(Accumulator):
+        """Keeps only the last result, to tell it from the default average."""
+
+        def add(self, weights, samples) -> None:
+            self.last = dict(weights)
+            super().add(weights, samples)
+
+        def result(self):
+            return self.last
+
+    outcome = run_round(1, [Constant("a", 1.0), Constant("b", 3.0)], GLOBAL, lambda i, p: INS, Last())
+
+    assert outcome.weights["w"].tolist() == [3.0, 3.0, 3.0]
+
+
+def test_evaluate_personalised_summarizes_and_skips_failures() -> None:
+    summary = evaluate_personalised([Constant("a", 0.5), Broken(), Constant("b", 0.9)], GLOBAL)
     assert summary == {"mean": pytest.approx(0.7), "min": 0.5, "max": 0.9, "count": 2}
 
 
 def test_select_takes_all_in_order_at_c_one_and_a_seeded_subset_otherwise() -> None:
     ids = [f"c{i}" for i in range(10)]
-    strategy = make_strategy("fedavg", seed=4)
-    assert strategy.select(1, ids, 1.0, 4) == ids
-    subset = strategy.select(1, ids, 0.3, 4)
-    assert len(subset) == 3 and subset == strategy.select(1, ids, 0.3, 4) and subset == sorted(subset, key=ids.index)
-    assert len({tuple(strategy.select(r, ids, 0.3, 4)) for r in range(1, 9)}) > 1
-    assert len(strategy.select(1, ids, 0.01, 4)) == 1
+    assert FedAvg(fraction=1.0, seed=4).select(1, ids) == ids
+    strategy = FedAvg(fraction=0.3, seed=4)
+    subset = strategy.select(1, ids)
+    assert len(subset) == 3 and subset == strategy.select(1, ids) and subset == sorted(subset, key=ids.index)
+    assert len({tuple(strategy.select(r, ids)) for r in range(1, 9)}) > 1
+    assert len(FedAvg(fraction=0.01, seed=4).select(1, ids)) == 1
+
+
+def test_select_draws_depend_on_the_seed() -> None:
+    ids = [f"c{i}" for i in range(10)]
+
+    draws = {tuple(FedAvg(fraction=0.3, seed=s).select(1, ids)) for s in range(8)}
+
+    assert len(draws) > 1
+
+
+def test_combine_of_a_single_aggregate_returns_exactly_its_bits() -> None:
+    rng = np.random.default_rng(0)
+    # float64 values that a weighted average (x * 3 / 3) would not reproduce bit for bit
+    aggregate = {"a": rng.standard_normal(100), "b": rng.standard_normal(7).astype(np.float32),
+                 "n": np.array([5], np.int64)}
+
+    combined = FedAvg().combine([(aggregate, 3)])
+
+    assert sorted(combined) == sorted(aggregate)
+    assert all(combined[k].dtype == aggregate[k].dtype and combined[k].tobytes() == aggregate[k].tobytes()
+               for k in aggregate)
+
+
+def test_combine_of_several_aggregates_is_their_weighted_average() -> None:
+    rng = np.random.default_rng(1)
+    aggregates = [({"a": rng.standard_normal(100), "b": rng.standard_normal(7).astype(np.float32),
+                    "n": np.array([n], np.int64)}, samples) for n, samples in ((5, 3), (9, 10), (2, 1))]
+
+    combined = FedAvg().combine(aggregates)
+
+    assert same(combined, weighted_average(aggregates))
 
 
 def test_fit_ins_seeds_differ_per_client_and_round() -> None:
@@ -233,7 +338,7 @@ def test_fl_reproduces_the_plain_pytorch_baseline(mnist: Dataset, capsys: pytest
     parts = partition(mnist.train_y.numpy(), 10, "iid", 0)
     keys = strategy.shared_keys(bench.model)
     participants = [InProcessParticipant(f"c{i}", mnist, p, np.array([], np.int64), bench, keys) for i, p in enumerate(parts)]
-    outcome = run_round(1, participants, global_weights, lambda i, p: strategy.fit_ins(1, i))
+    outcome = run_round(1, participants, global_weights, lambda i, p: strategy.fit_ins(1, i), strategy.aggregator())
     load_numpy(bench.model, outcome.weights)
     from fl.train import evaluate
 

@@ -12,11 +12,12 @@ from chain.keys import NodeKey
 from chain.tensors import model_hash
 from fl.data import Dataset
 from fl.models import build_model
-from fl.participant import FitIns, InProcessParticipant, Workbench
+from fl.participant import FitIns
+from fl.local import InProcessParticipant, Workbench
 from fl.server import run_round
-from node import transport
-from node.edge import SERVICE, EdgeServicer
-from node.proxy import GrpcParticipant, RemoteError
+from node.rpc import transport
+from node.process.edge import SERVICE, EdgeServicer
+from node.rpc.clients import GrpcParticipant, RemoteError
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import FitRequest as FitRequestMsg
 

@@ -13,12 +13,12 @@ import pytest
 from chain.keys import NodeKey
 from config import Config, ConfigError, load_config
 from fl.participant import FitIns
-from node import transport
-from node.edge import PERSONAL_FILE, EdgeHost, EdgeNode
-from node.launch import build_node
+from node.rpc import transport
+from node.process.edge import PERSONAL_FILE, EdgeHost, EdgeNode
+from node.process.launch import build_node
 from node.ledger import Ledger
-from node.proxy import GrpcParticipant
-from node.supernode import SuperNode
+from node.rpc.clients import GrpcParticipant
+from node.process.supernode import SuperNode
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import Empty as EmptyMsg
 

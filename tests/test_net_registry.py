@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from chain.keys import NodeKey
-from node.errors import BadRequestError, DeadNodeError, NoCapacityError, StaleRoundError, TakenIdError, UnknownNodeError
-from node.registry import Membership, RoundTracker, SuperNodeRegistry
+from node.engine.errors import BadRequestError, UnavailableError, NoCapacityError, PreconditionError, TakenIdError, NotFoundError
+from node.engine.membership import Membership, RoundTracker, SuperNodeRegistry
 
 
 class Clock:
@@ -64,7 +64,7 @@ def test_bad_address_is_bad_request() -> None:
 
 
 def test_unknown_heartbeat_is_not_found() -> None:
-    with pytest.raises(UnknownNodeError, match="register again"):
+    with pytest.raises(NotFoundError, match="register again"):
         Membership(clock=Clock()).heartbeat(key(1).node_id)
 
 
@@ -79,7 +79,7 @@ def test_silent_member_is_dropped_after_missed_beats() -> None:
     clock.now += 1.5   # member 1 silent 6.5 s > 3 * 2 s; member 2 silent 1.5 s
 
     assert [m.node_id for m in table.members()] == [key(2).node_id]
-    with pytest.raises(UnknownNodeError):
+    with pytest.raises(NotFoundError):
         table.heartbeat(key(1).node_id)
 
 
@@ -153,7 +153,7 @@ def test_assign_without_live_super_node_is_unavailable() -> None:
     reg(sns, 1)
     clock.now += 3.0
 
-    with pytest.raises(DeadNodeError, match="no live super node"):
+    with pytest.raises(UnavailableError, match="no live super node"):
         sns.assign(key(10).node_id, key(10).public_hex)
 
 
@@ -170,7 +170,7 @@ def test_assign_moves_edge_off_a_dropped_super_node() -> None:
     moved = sns.assign(key(10).node_id, key(10).public_hex)
 
     assert moved.node_id == key(2).node_id
-    with pytest.raises(DeadNodeError):
+    with pytest.raises(UnavailableError):
         sns.require(key(1).node_id)
 
 
@@ -179,7 +179,7 @@ def test_stale_round_is_failed_precondition() -> None:
     rounds.begin(1)
     rounds.begin(2)
 
-    with pytest.raises(StaleRoundError, match="stale"):
+    with pytest.raises(PreconditionError, match="stale"):
         rounds.begin(2)
-    with pytest.raises(StaleRoundError, match="not the current"):
+    with pytest.raises(PreconditionError, match="not the current"):
         rounds.check_current(1)

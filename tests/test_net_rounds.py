@@ -1,9 +1,11 @@
-"""Whole federated rounds over loopback gRPC: Admin.Train on the entry, partials from every SN, co-signed blocks."""
+"""Whole federated rounds over loopback gRPC: training on the entry, partials from every super node, co-signed
+blocks, and the same model hashes as `simulate --sn K` for the same seed."""
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,20 +16,21 @@ from chain.keys import NodeKey
 from chain.tensors import model_hash
 from chain.verify import verify_chain
 from config import Config
-from fl.participant import EvalRes, FitIns, FitRes, InProcessParticipant
-from node import transport
-from node.edge import EdgeNode, edge_participant
-from node.ledger import Ledger
-from node.setup import configure_torch
-from node.coordinator import EdgeRef
-from node.simulator import simulate
+from fl.participant import EvalRes, FitIns, FitRes
 from fl.strategy import FedAvg
-from node.supernode import SuperNode
+from node.engine.edge import EdgeTrainer
+from node.engine.errors import PreconditionError
+from node.engine.types import EdgeRef
+from node.ledger import Ledger
+from node.process.edge import EdgeNode
+from node.process.supernode import SuperNode
+from node.rpc import transport
+from node.rpc.clients import AdminClient, RoundLine
+from node.run import configure_torch, edge_trainers
+from node.sim.simulator import simulate
 from proto import fledger_pb2_grpc
-from proto.fledger_pb2 import Empty as EmptyMsg
 from proto.fledger_pb2 import RoundAnnouncement as RoundAnnouncementMsg
-from proto.fledger_pb2 import SaveRequest as SaveRequestMsg
-from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
+from proto.fledger_pb2 import RoundPlan as RoundPlanMsg
 from storage.store import LedgerStore
 
 from conftest import wait_until
@@ -38,18 +41,20 @@ BEAT = 0.2
 MISSED_BEATS = 25
 
 
-def config(root: Path, **over) -> Config:
+def config(root: Path, **over: Any) -> Config:
     return Config(dataset="mnist", model="2nn", clients=4, rounds=2, partition_count=4, threads=1,
                   reproducible=True, data_root=str(root), **over)
-
 
 
 class Flaky:
     """A participant that can be made to die in the middle of a round."""
 
-    def __init__(self, inner: InProcessParticipant):
+    def __init__(self, inner: Any):
         self.inner, self.participant_id = inner, inner.participant_id
         self.broken = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
         if self.broken:
@@ -61,7 +66,9 @@ class Flaky:
 
 
 class Network:
-    def __init__(self, root: Path, supernodes: int, edges: int, **over):
+    """K super nodes (the entry first, all joined before any edge node) and N edge nodes, in this process."""
+
+    def __init__(self, root: Path, supernodes: int, edges: int, **over: Any):
         self.root = root
         self.cfg = config(root / "entry", **over)
         configure_torch(self.cfg)
@@ -71,23 +78,24 @@ class Network:
         self.sns.append(self.make_sn("entry", entry=None))
         for i in range(1, supernodes):
             self.sns.append(self.make_sn(f"sn{i}", entry=self.entry.address))
-        assert wait_until(lambda: len(self.entry.registry) == supernodes, timeout=15.0)
-        for i in range(edges):
-            key = NodeKey.from_seed(f"edge{i}".encode())
-            flaky = Flaky(edge_participant(dataclasses.replace(self.cfg, partition_index=i), key.node_id))
-            en = EdgeNode(key, flaky, "127.0.0.1:0", self.entry.address, samples=flaky.inner.num_train_samples,
-                          heartbeat_interval=BEAT, partition_index=i)
+            # one at a time, so the join order (and with it the edge assignment) is sn1, sn2, ...
+            assert wait_until(lambda n=i + 1: len(self.entry.registry) == n, timeout=15.0)
+        keys = [NodeKey.from_seed(f"edge{i}".encode()) for i in range(edges)]
+        trainers, _, _ = edge_trainers(self.cfg, keys, 0, edges)
+        for trainer in trainers:
+            flaky = Flaky(trainer.participant)
+            en = EdgeNode(EdgeTrainer(flaky, trainer.key, share=trainer.share),  # type: ignore[arg-type]
+                          "127.0.0.1:0", self.entry.address, heartbeat_interval=BEAT)
             en.start()
             self.flaky.append(flaky)
             self.ens.append(en)
-        assert wait_until(lambda: sum(len(sn.edges) for sn in self.sns) == edges, timeout=15.0), "edge nodes did not join"
+        assert wait_until(lambda: sum(len(sn.edges) for sn in self.sns) == edges, timeout=15.0), \
+            "edge nodes did not join"
 
     def make_sn(self, name: str, entry: str | None, listen: str = "127.0.0.1:0") -> SuperNode:
-        key = NodeKey.from_seed(name.encode())
-        ledger = Ledger.open(self.root / name, key=key)
+        ledger = Ledger.open(self.root / name, key=NodeKey.from_seed(name.encode()))
         cfg = dataclasses.replace(self.cfg, data_root=str(self.root / name), is_entry=entry is None)
-        sn = SuperNode(key, ledger, listen, entry=entry, heartbeat_interval=BEAT, missed_beats=MISSED_BEATS,
-                       cfg=cfg)
+        sn = SuperNode(ledger, listen, cfg, entry=entry, heartbeat_interval=BEAT, missed_beats=MISSED_BEATS)
         sn.start()
         return sn
 
@@ -95,11 +103,12 @@ class Network:
     def entry(self) -> SuperNode:
         return self.sns[0]
 
-    def admin(self, sn: SuperNode) -> fledger_pb2_grpc.AdminStub:
-        return fledger_pb2_grpc.AdminStub(transport.open_channel(sn.address))
+    def admin(self, sn: SuperNode | None = None) -> AdminClient:
+        return AdminClient((sn or self.entry).address)
 
-    def train(self, rounds: int, sn: SuperNode | None = None) -> list:
-        return list(self.admin(sn or self.entry).Train(TrainRequestMsg(rounds=rounds), timeout=120))
+    def train(self, rounds: int, sn: SuperNode | None = None) -> list[RoundLine]:
+        with self.admin(sn) as admin:
+            return list(admin.train(rounds))
 
     def close(self) -> None:
         for node in self.ens + self.sns[::-1]:
@@ -109,107 +118,173 @@ class Network:
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory) -> Iterator[Network]:
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     network = Network(tmp_path_factory.mktemp("net"), supernodes=2, edges=4)
     yield network
     network.close()
 
 
-def head_models(ledger: Ledger) -> list[str]:
+def model_hashes(ledger: Ledger) -> list[str]:
     ledger.flush()
-    return [ledger.get_block(h)[0].header.model_hash for h in range(ledger.tip.header.height + 1)]
+    head = ledger.head
+    assert head is not None
+    return [ledger.get_block(h)[0].header.model_hash for h in range(head.height + 1)]
 
 
-def test_two_supernodes_with_two_edges_each_train_two_rounds_into_equal_verified_chains(net) -> None:
-    assert sorted(len(sn.edges) for sn in net.sns) == [2, 2]
+def simulated_model_hashes(root: Path, super_nodes: int, **over: Any) -> list[str]:
+    result = simulate(config(root, **over), fresh=True, progress=False, emit=lambda *_: None,
+                      super_nodes=super_nodes)
+    store = LedgerStore(result["db"])
+    try:
+        return [store.get_block(h)[0].header.model_hash for h in range(result["head_height"] + 1)]
+    finally:
+        store.close()
 
+
+def test_edge_nodes_go_to_super_node_share_mod_k_in_join_order(net: Network) -> None:
+    first, second = net.sns
+    assert {m.share for m in first.edges.members()} == {0, 2}
+    assert {m.share for m in second.edges.members()} == {1, 3}
+
+
+def test_two_supernodes_train_two_rounds_into_equal_verified_chains(net: Network) -> None:
     progress = net.train(2)
 
     assert [p.round for p in progress] == [1, 2]
     assert all(p.participants == 4 and p.failures == 0 for p in progress)
     assert 0.0 < progress[-1].metrics["accuracy"] <= 1.0 and "train_loss" in progress[-1].metrics
+    head = net.entry.ledger.head
+    assert head is not None and progress[-1].block_hash == head.hash
     peer = net.sns[1]
-    assert wait_until(lambda: peer.ledger.tip is not None and peer.ledger.tip.hash == net.entry.ledger.tip.hash, timeout=15.0)
-    assert progress[-1].block_hash == net.entry.ledger.tip.hash
+    assert wait_until(lambda: peer.ledger.head == net.entry.ledger.head, timeout=15.0)
     for sn in net.sns:
         sn.ledger.flush()
-        report = verify_chain(sn.ledger.store, check_models=True)
-        assert report.head_hash == net.entry.ledger.tip.hash
+        assert verify_chain(sn.ledger.store, check_models=True).head_hash == head.hash
         for height in (1, 2):
-            block, records = sn.ledger.get_block(height)
-            assert len(records) == 4
-            assert [r.record.trainer_id for r in records] == sorted(en.key.node_id for en in net.ens)
+            _, records = sn.ledger.get_block(height)
+            # records in data-share order, whichever super node trained them
+            assert [r.record.trainer_id for r in records] == [en.key.node_id for en in net.ens]
             assert len(sn.ledger.store.cosignatures(height)) == 2
-    assert net.entry.ledger.verify().head_height == 2
 
 
-def test_a_late_joining_supernode_syncs_the_trained_chain(net) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["fedavg", "fedper"])
+def test_two_super_nodes_give_the_model_hashes_of_simulate_sn_2(tmp_path: Path, algo: str) -> None:
+    network = Network(tmp_path / "net", supernodes=2, edges=4, algo=algo)
+    try:
+        progress = network.train(2)
+        net_models = model_hashes(network.entry.ledger)
+        peer_models = model_hashes(network.sns[1].ledger)
+    finally:
+        network.close()
+    sim_models = simulated_model_hashes(tmp_path / "sim", 2, algo=algo)
+
+    assert [p.participants for p in progress] == [4, 4]
+    assert net_models == peer_models == sim_models
+
+
+def test_one_super_node_gives_the_model_hashes_of_simulate(tmp_path: Path) -> None:
+    network = Network(tmp_path / "net", supernodes=1, edges=4)
+    try:
+        network.train(2)
+        net_models = model_hashes(network.entry.ledger)
+        net_params = network.entry.ledger.get_block(0)[0].header.params
+    finally:
+        network.close()
+    sim_models = simulated_model_hashes(tmp_path / "sim", 1)
+    sim_params = LedgerStore(f"sqlite:///{tmp_path / 'sim' / 'ledger.db'}").get_block(0)[0].header.params
+
+    assert net_params == sim_params
+    assert net_models == sim_models
+
+
+def test_a_late_joining_supernode_syncs_the_trained_chain(net: Network) -> None:
     late = net.make_sn("late", entry=net.entry.address)
     try:
-        assert wait_until(lambda: late.ledger.tip is not None and late.ledger.tip.hash == net.entry.ledger.tip.hash, timeout=15.0)
+        assert wait_until(lambda: late.ledger.head == net.entry.ledger.head, timeout=15.0)
         late.ledger.flush()
-        assert verify_chain(late.ledger.store, check_models=True).head_hash == net.entry.ledger.tip.hash
+        head = net.entry.ledger.head
+        assert head is not None and verify_chain(late.ledger.store, check_models=True).head_hash == head.hash
     finally:
         late.stop(None)
         late.ledger.close()
-        net.entry.registry.remove(late.key.node_id)
+    assert wait_until(lambda: len(net.entry.registry) == 2, timeout=15.0), "the stopped late joiner stays listed"
 
 
-def test_save_writes_a_torch_loadable_model_whose_hash_is_the_heads(net, tmp_path) -> None:
-    reply = net.admin(net.entry).Save(SaveRequestMsg(path=str(tmp_path / "model.pt")), timeout=30)
-    default = net.admin(net.sns[1]).Save(SaveRequestMsg(), timeout=30)
+def test_save_writes_a_torch_loadable_model_whose_hash_is_the_heads(net: Network, tmp_path: Path) -> None:
+    with net.admin() as admin, net.admin(net.sns[1]) as peer_admin:
+        path, digest = admin.save(str(tmp_path / "model.pt"))
+        default_path, default_digest = peer_admin.save("")
 
-    state = torch.load(reply.path, weights_only=True)
-    assert model_hash({k: v.numpy() for k, v in state.items()}) == reply.model_hash
-    assert reply.model_hash == net.entry.ledger.tip.header.model_hash == default.model_hash
-    assert Path(default.path).parent == net.root / "sn1"
-
-
-def test_eval_and_status_report_the_global_model(net) -> None:
-    admin = net.admin(net.entry)
-    reply = admin.Eval(EmptyMsg(), timeout=60)
-    status = admin.Status(EmptyMsg(), timeout=10)
-
-    assert reply.samples > 0 and 0.0 < reply.accuracy <= 1.0
-    assert not status.training and status.round == net.entry.ledger.tip.header.round
+    state = torch.load(path, weights_only=True)
+    head = net.entry.ledger.head
+    assert head is not None
+    assert model_hash({k: v.numpy() for k, v in state.items()}) == digest
+    assert digest == head.model_hash == default_digest
+    assert Path(default_path).parent == net.root / "sn1"
 
 
-def test_train_on_a_non_entry_supernode_is_refused_clearly(net) -> None:
-    with pytest.raises(grpc.RpcError) as info:
+def test_eval_and_status_report_the_global_model(net: Network) -> None:
+    with net.admin() as admin:
+        report = admin.evaluate()
+        status = admin.status()
+
+    head = net.entry.ledger.head
+    assert report.samples > 0 and 0.0 < report.accuracy <= 1.0
+    assert head is not None and not status.training and status.round == head.round
+
+
+def test_train_on_a_non_entry_supernode_is_refused_clearly(net: Network) -> None:
+    with pytest.raises(PreconditionError, match="entry") as info:
         net.train(1, sn=net.sns[1])
 
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "entry" in info.value.details()
+    assert info.value.status == "FAILED_PRECONDITION"
 
 
-def test_a_stale_round_announcement_is_refused(net) -> None:
-    tip = net.sns[1].ledger.tip
+def test_a_stale_round_announcement_is_refused(net: Network) -> None:
+    head = net.sns[1].ledger.head
+    assert head is not None
     stub = fledger_pb2_grpc.SuperNodeStub(transport.open_channel(net.sns[1].address))
-    ann = RoundAnnouncementMsg(round=tip.header.round, base_height=tip.header.height,
-                               base_model_hash=tip.header.model_hash)
+    announcement = RoundAnnouncementMsg(round=head.round, base_height=head.height, base_model_hash=head.model_hash,
+                                        plan=RoundPlanMsg(algorithm="fedavg", lr=0.05, local_epochs=1,
+                                                          batch_size=32))
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.AnnounceRound(ann, timeout=30))
+        list(stub.AnnounceRound(announcement, timeout=30))
 
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_pause_stops_training_after_the_current_round(net) -> None:
-    admin = net.admin(net.entry)
-    start = net.entry.ledger.tip.header.round
-    stream = admin.Train(TrainRequestMsg(rounds=20), timeout=120)
-    first = next(stream)
-    admin.Pause(EmptyMsg(), timeout=10)
-    rest = list(stream)
+def test_an_announcement_without_a_plan_is_refused_as_invalid(net: Network) -> None:
+    head = net.sns[1].ledger.head
+    assert head is not None
+    stub = fledger_pb2_grpc.SuperNodeStub(transport.open_channel(net.sns[1].address))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.AnnounceRound(RoundAnnouncementMsg(round=head.round + 1, base_height=head.height,
+                                                     base_model_hash=head.model_hash), timeout=30))
 
-    done = [first] + [p for p in rest if p.block_hash]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_pause_stops_training_after_the_current_round(net: Network) -> None:
+    head = net.entry.ledger.head
+    assert head is not None
+    start = head.round
+    with net.admin() as admin:
+        stream = admin.train(20)
+        first = next(stream)
+        admin.pause()
+        rest = list(stream)
+        status = admin.status()
+
+    done = [first] + [p for p in rest if p.finished]
     assert first.round == start + 1
     assert len(done) <= 2 and "paused" in rest[-1].message
-    status = admin.Status(EmptyMsg(), timeout=10)
     assert status.paused and not status.training
-    assert net.entry.ledger.tip.header.round == start + len(done)
+    head = net.entry.ledger.head
+    assert head is not None and head.round == start + len(done)
 
 
-def test_an_edge_that_dies_mid_run_is_a_failure_not_a_crash(net) -> None:
+def test_an_edge_that_dies_mid_run_is_a_failure_not_a_crash(net: Network) -> None:
     net.flaky[3].broken = True
     try:
         progress = net.train(1)
@@ -217,36 +292,44 @@ def test_an_edge_that_dies_mid_run_is_a_failure_not_a_crash(net) -> None:
         net.flaky[3].broken = False
 
     assert len(progress) == 1 and progress[0].participants == 3 and progress[0].failures == 1
-    _, records = net.entry.ledger.get_block(net.entry.ledger.tip.header.height)
+    head = net.entry.ledger.head
+    assert head is not None
+    _, records = net.entry.ledger.get_block(head.height)
     assert len(records) == 3
 
 
-def test_one_supernode_with_four_edges_gives_the_simulators_model_hashes(tmp_path) -> None:
-    network = Network(tmp_path / "net", supernodes=1, edges=4)
+def test_a_selected_edge_that_no_super_node_has_is_reported_as_a_failure(net: Network) -> None:
+    ghost = NodeKey.from_seed(b"ghost").node_id
+    coordinator = net.entry.coordinator
+    assert coordinator is not None
+    listed = coordinator.all_edges
+    coordinator.all_edges = lambda peers: listed(peers) + [EdgeRef(ghost, "127.0.0.1:1", 9)]  # type: ignore
     try:
-        progress = network.train(2)
-        assert [p.participants for p in progress] == [4, 4]
-        net_models = head_models(network.entry.ledger)
-        net_params = network.entry.ledger.get_block(0)[0].header.params
+        progress = net.train(1)
+    finally:
+        coordinator.all_edges = listed  # type: ignore[method-assign]
+
+    assert len(progress) == 1 and progress[0].participants == 4 and progress[0].failures == 1
+
+
+def test_a_peer_that_dies_mid_run_is_a_failure_and_its_edges_are_not_trained(tmp_path: Path) -> None:
+    network = Network(tmp_path / "net", supernodes=3, edges=3)
+    try:
+        network.train(1)
+        dead = network.sns[2]
+        dead.server.stop(None).wait()   # the process is gone: no answer, no co-signature, no commit
+        progress = network.train(1)
     finally:
         network.close()
-    sim_cfg = config(tmp_path / "sim")
-    simulate(sim_cfg, fresh=True, progress=False, emit=lambda *_: None)
-    store = LedgerStore(f"sqlite:///{tmp_path / 'sim' / 'ledger.db'}")
-    try:
-        sim_models = [store.get_block(h)[0].header.model_hash for h in range(3)]
-        sim_params = store.get_block(0)[0].header.params
-    finally:
-        store.close()
 
-    assert net_params == sim_params
-    assert net_models == sim_models
+    # 2 of 3 super nodes still make a majority; the dead one's edge is a failure of the round.
+    assert len(progress) == 1 and progress[0].finished
+    assert progress[0].participants == 2 and progress[0].failures >= 1
 
 
-def test_fraction_selects_clients_across_the_whole_network_as_the_simulator_does(tmp_path) -> None:
+def test_fraction_selects_clients_across_the_whole_network_as_the_simulator_does(tmp_path: Path) -> None:
     network = Network(tmp_path / "net", supernodes=2, edges=4, fraction=0.25)
     try:
-        assert sorted(len(sn.edges) for sn in network.sns) == [2, 2]
         progress = network.train(3)
         trainers = [[r.record.trainer_id for r in network.entry.ledger.get_block(h)[1]] for h in (1, 2, 3)]
     finally:
@@ -259,18 +342,17 @@ def test_fraction_selects_clients_across_the_whole_network_as_the_simulator_does
     assert [[str(share[t]) for t in ts] for ts in trainers] == expected
 
 
-def test_an_entry_restarted_on_its_data_directory_resumes_from_its_head(tmp_path) -> None:
+def test_an_entry_restarted_on_its_data_directory_resumes_from_its_head(tmp_path: Path) -> None:
     network = Network(tmp_path / "net", supernodes=1, edges=2)
     try:
         network.train(1)
-        before = network.entry.ledger.tip
+        before = network.entry.ledger.head
         port = network.entry.port
         network.entry.stop(None)
         network.entry.ledger.close()
 
         network.sns[0] = network.make_sn("entry", entry=None, listen=f"127.0.0.1:{port}")
-        resumed = network.entry.ledger.tip
-        assert (resumed.hash, resumed.header.model_hash) == (before.hash, before.header.model_hash)
+        assert network.entry.ledger.head == before
         assert wait_until(lambda: len(network.entry.edges) == 2, timeout=15.0), "edges did not re-join"
         progress = network.train(1)
         network.entry.ledger.flush()
@@ -278,46 +360,25 @@ def test_an_entry_restarted_on_its_data_directory_resumes_from_its_head(tmp_path
     finally:
         network.close()
 
+    assert before is not None
     assert [p.round for p in progress] == [2] and progress[0].participants == 2
-    assert block.header.prev_hash == before.hash and block.header.base_model_hash == before.header.model_hash
+    assert block.header.prev_hash == before.hash and block.header.base_model_hash == before.model_hash
 
 
-def test_fedper_over_the_network_shares_base_layers_only_and_matches_the_simulator(tmp_path) -> None:
+def test_fedper_over_the_network_shares_base_layers_only(tmp_path: Path) -> None:
     network = Network(tmp_path / "net", supernodes=1, edges=4, algo="fedper")
     try:
         progress = network.train(2)
-        reply = network.admin(network.entry).Eval(EmptyMsg(), timeout=60)
-        net_models = head_models(network.entry.ledger)
+        with network.admin() as admin:
+            report = admin.evaluate()
         stored = network.entry.ledger.load_weights(2)
         personal = network.flaky[0].inner.personal_keys
     finally:
         network.close()
-    sim_cfg = config(tmp_path / "sim", algo="fedper")
-    simulate(sim_cfg, fresh=True, progress=False, emit=lambda *_: None)
-    store = LedgerStore(f"sqlite:///{tmp_path / 'sim' / 'ledger.db'}")
-    try:
-        sim_models = [store.get_block(h)[0].header.model_hash for h in range(3)]
-    finally:
-        store.close()
 
     assert personal and not set(personal) & set(stored)            # personal layers never reach the ledger
     assert all(0.0 < p.metrics["personal_accuracy_mean"] <= 1.0 for p in progress)
     assert "accuracy" not in progress[-1].metrics                   # no global model under FedPer
-    assert reply.samples == 0 and len(reply.edges) == 4
-    assert all(not e.error and e.samples > 0 and 0.0 < e.accuracy <= 1.0 for e in reply.edges)
-    assert reply.edge_accuracy_min <= reply.edge_accuracy_mean <= reply.edge_accuracy_max
-    assert net_models == sim_models
-
-
-def test_a_selected_edge_that_no_super_node_has_is_reported_as_a_failure(net) -> None:
-    ghost = NodeKey.from_seed(b"ghost").node_id
-    coordinator = net.entry.coordinator
-    listed = coordinator.all_edges
-    coordinator.all_edges = lambda: listed() + [EdgeRef(ghost, "127.0.0.1:1", 9)]   # listed, then gone
-    try:
-        progress = net.train(1)
-    finally:
-        coordinator.all_edges = listed
-
-    assert len(progress) == 1 and progress[0].participants == 4 and progress[0].failures == 1
-    assert ghost[:12] in progress[0].message and "no live super node" in progress[0].message
+    assert report.samples == 0 and len(report.edges) == 4
+    assert all(not e.error and e.samples > 0 and 0.0 < e.accuracy <= 1.0 for e in report.edges)
+    assert report.edge_accuracy_min <= report.edge_accuracy_mean <= report.edge_accuracy_max

@@ -6,8 +6,8 @@ import pytest
 from chain.block import Cosignature, SignedBlock, SignedRecord, UpdateRecord, build_header
 from chain.keys import NodeKey
 from fl.participant import EvalRes, FitIns
-from node import serde
-from node.errors import BadRequestError
+from node.rpc import serde
+from node.engine.errors import BadRequestError
 from proto.fledger_pb2 import FitIns as FitInsMsg
 
 KEY = NodeKey.from_seed(b"serde")

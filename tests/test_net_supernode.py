@@ -12,11 +12,13 @@ from chain.block import Cosignature, SignedBlock, SignedRecord, UpdateRecord, bu
 from chain.keys import NodeKey
 from chain.tensors import encode_weights, model_hash
 from chain.verify import verify_chain
-from node import serde, sync, transport
-from node.edge import EdgeNode
-from node.errors import NoMajorityError
+from node.rpc import serde
+from node.engine import sync
+from node.rpc import transport
+from node.process.edge import EdgeNode
+from node.engine.errors import NoMajorityError
 from node.ledger import Ledger
-from node.supernode import SuperNode, propose_and_commit
+from node.process.supernode import SuperNode, propose_and_commit
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import CommitRequest as CommitRequestMsg
 from proto.fledger_pb2 import Empty as EmptyMsg

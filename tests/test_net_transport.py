@@ -9,8 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chain.tensors import encode_weights, model_hash
-from node import transport
-from node.options import CHUNK_SIZE, MAX_MESSAGE_BYTES
+from node.rpc import transport
+from node.rpc.options import CHUNK_SIZE, MAX_MESSAGE_BYTES
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import EvalReply as EvalReplyMsg
 from proto.fledger_pb2 import FitReply as FitReplyMsg

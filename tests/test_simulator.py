@@ -11,7 +11,7 @@ import pytest
 
 from chain.verify import verify_chain
 from config import Config
-from node.simulator import ResumeMismatch, simulate
+from node.sim.simulator import ResumeMismatch, simulate
 from storage.store import LedgerStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,6 +5,7 @@ changes one column of one row of block 3 (or deletes rows), then checks which he
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -176,3 +177,19 @@ def test_load_weights_blob_refuses_a_changed_chunk(chain_copy):
             store.load_weights_blob(MIDDLE)
     finally:
         store.close()
+
+
+def test_load_weights_refuses_a_changed_chunk_whose_digest_was_updated_to_match(chain_copy):
+    with raw_connection(chain_copy) as conn:
+        data = bytes(conn.execute(text(f"SELECT data FROM model_chunks WHERE {CHUNK}")).scalar_one())
+        changed = flip_bit(data, -10)
+        conn.execute(text(f"UPDATE model_chunks SET data = :d, digest = :h WHERE {CHUNK}"),
+                     {"d": changed, "h": hashlib.sha256(changed).hexdigest()})
+    store = LedgerStore(chain_copy)
+    try:
+        blob_served = len(store.load_weights_blob(MIDDLE)) > 0     # chunk digests hold: served as stored
+        with pytest.raises(StoreError, match=f"height {MIDDLE}: model check failed.*model_hash"):
+            store.load_weights(MIDDLE)
+    finally:
+        store.close()
+    assert blob_served

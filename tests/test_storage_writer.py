@@ -1,16 +1,19 @@
 """The background writer and the Ledger on top of it: order, flush, no gaps after a failure, checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import pytest
 
+from chain.block import SignedBlock
 from chain.checkpoint import Checkpoint
-from chain.tensors import encode_weights, model_hash
+from chain.tensors import model_hash
+from chain.verify import Head, VerificationError, verify_block
 from conftest import build_chain, global_weights, signed_records, trainer_keys
 from node.ledger import Ledger
-from storage.store import StoreError
+from storage.store import NotExtendingHead, StoreError
 from storage.writer import BackgroundWriter, WriterFailed
 
 
@@ -93,7 +96,7 @@ def test_ledger_reopens_at_the_built_head(backend, tmp_path):
     data_dir, _cp, heads = build_chain(backend, 4, tensor_shape=SHAPE, data_dir=tmp_path / "node")
     ledger = Ledger.open(data_dir, backend)
     try:
-        assert (ledger.tip.header.height, ledger.tip.hash) == (3, heads[-1].hash)
+        assert ledger.head == heads[-1] == Head(3, heads[-1].hash, model_hash(global_weights(3, SHAPE)), 3)
     finally:
         ledger.close()
 
@@ -104,11 +107,11 @@ def test_ledger_checkpoint_names_the_durable_head(backend, tmp_path):
     assert (saved.height, saved.hash, saved.valid()) == (3, heads[-1].hash, True)
 
 
-def test_ledger_verify_passes_on_a_built_chain(backend, tmp_path):
+def test_ledger_verify_chain_passes_on_a_built_chain(backend, tmp_path):
     data_dir, _cp, heads = build_chain(backend, 4, tensor_shape=SHAPE, data_dir=tmp_path / "node")
     ledger = Ledger.open(data_dir, backend)
     try:
-        report = ledger.verify()
+        report = ledger.verify_chain()
     finally:
         ledger.close()
     assert (report.head_hash, report.blocks, report.records, report.models_checked) == (heads[-1].hash, 4, 9, 4)
@@ -123,63 +126,143 @@ def test_ledger_load_weights_returns_the_head_model(backend, tmp_path):
         ledger.close()
 
 
-def test_ledger_refused_block_fails_later_blocks_and_leaves_no_gap(backend, tmp_path):
+def test_ledger_build_encodes_the_weights_and_signs_the_next_block(backend, tmp_path):
+    data_dir, _cp, heads = build_chain(backend, 2, tensor_shape=SHAPE, data_dir=tmp_path / "node")
+    ledger = Ledger.open(data_dir, backend)
+    try:
+        weights = global_weights(2, SHAPE)
+        built = ledger.build(round=2, algorithm="fedavg", params={}, weights=weights,
+                             records=signed_records(2, heads[-1].model_hash, trainer_keys(3)), metrics={},
+                             timestamp_ms=1)
+        again = verify_block(built.block, built.records, built.weights_blob, prev=heads[-1],
+                             authorities=[ledger.key.public_hex])
+        assert (again, built.header.prev_hash, ledger.head) == (built, heads[-1].hash, heads[-1])
+    finally:
+        ledger.close()
+
+
+def test_ledger_build_refuses_records_of_another_round(backend, tmp_path):
+    data_dir, _cp, heads = build_chain(backend, 2, tensor_shape=SHAPE, data_dir=tmp_path / "node")
+    ledger = Ledger.open(data_dir, backend)
+    try:
+        with pytest.raises(ValueError, match="record 0"):
+            ledger.build(round=2, algorithm="fedavg", params={}, weights=global_weights(2, SHAPE),
+                         records=signed_records(3, heads[-1].model_hash, trainer_keys(3)), metrics={},
+                         timestamp_ms=1)
+    finally:
+        ledger.close()
+
+
+def test_ledger_failed_write_fails_later_blocks_leaves_no_gap_and_rolls_the_head_back(backend, tmp_path):
     data_dir, _cp, heads = build_chain(backend, 2, tensor_shape=SHAPE, data_dir=tmp_path / "node")
     ledger = Ledger.open(data_dir, backend)
     try:
         weights = global_weights(2, SHAPE)
         records = signed_records(2, heads[-1].model_hash, trainer_keys(3))
-        bad, bad_durable = ledger.propose(round=2, algorithm="fedavg", params={}, weights=weights, records=records,
-                                          metrics={}, timestamp_ms=1, new_model_hash="ab" * 32)
-        _next, next_durable = ledger.propose(round=3, algorithm="fedavg", params={}, weights=weights,
-                                             records=[], metrics={}, timestamp_ms=2)
+        bad = ledger.build(round=2, algorithm="fedavg", params={}, weights=weights, records=records, metrics={},
+                           timestamp_ms=1)
+        bad_durable = ledger.accept(bad, client_state={"c0": None})   # NULL state: the INSERT fails
+        nxt = ledger.build(round=3, algorithm="fedavg", params={}, weights=weights, records=[], metrics={},
+                           timestamp_ms=2)
+        next_durable = ledger.accept(nxt)
         with pytest.raises(StoreError):
             bad_durable.result(timeout=30)
         with pytest.raises(WriterFailed):
             next_durable.result(timeout=30)
-        assert ledger.store.head().hash == heads[-1].hash
+        assert (ledger.store.head().hash, ledger.head) == (heads[-1].hash, heads[-1])
     finally:
         with pytest.raises(WriterFailed):
             ledger.close()
 
 
-def test_ledger_propose_returns_before_the_block_is_durable(backend, tmp_path):
+def test_ledger_accept_returns_before_the_block_is_durable(backend, tmp_path):
     data_dir, _cp, heads = build_chain(backend, 1, tensor_shape=SHAPE, data_dir=tmp_path / "node")
     ledger = Ledger.open(data_dir, backend)
     gate = threading.Event()
     try:
-        ledger.writer.submit(gate.wait, 30)          # hold the writer so the proposed block must queue
-        block, durable = ledger.propose(round=1, algorithm="fedavg", params={}, weights=global_weights(1, SHAPE),
-                                        records=[], metrics={}, timestamp_ms=1)
-        queued = (durable.done(), ledger.store.head().height, ledger.tip.hash == block.hash)
+        ledger.writer.submit(gate.wait, 30)          # hold the writer so the accepted block must queue
+        built = ledger.build(round=1, algorithm="fedavg", params={}, weights=global_weights(1, SHAPE), records=[],
+                             metrics={}, timestamp_ms=1)
+        durable = ledger.accept(built)
+        queued = (durable.done(), ledger.store.head().height, ledger.head == built.head)
         gate.set()
-        durable.result(timeout=30)
-        assert (queued, ledger.store.head().hash) == ((False, 0, True), block.hash)
+        assert (queued, durable.result(timeout=30), ledger.store.head().hash) == \
+            ((False, 0, True), built.head, built.block.hash)
     finally:
         gate.set()
         ledger.close()
 
 
-def test_ledger_accepts_a_block_proposed_by_another_node_with_the_same_key(backend, tmp_path):
-    source_dir, _cp, heads = build_chain(backend, 3, tensor_shape=SHAPE, data_dir=tmp_path / "a")
+def test_ledger_load_weights_of_a_queued_block_waits_for_its_write(backend, tmp_path):
+    data_dir, _cp, heads = build_chain(backend, 1, tensor_shape=SHAPE, data_dir=tmp_path / "node")
+    ledger = Ledger.open(data_dir, backend)
+    gate = threading.Event()
+    try:
+        ledger.writer.submit(gate.wait, 30)
+        weights = global_weights(1, SHAPE)
+        ledger.accept(ledger.build(round=1, algorithm="fedavg", params={}, weights=weights, records=[],
+                                   metrics={}, timestamp_ms=1))
+        threading.Timer(0.2, gate.set).start()
+        assert model_hash(ledger.load_weights()) == model_hash(weights)
+    finally:
+        gate.set()
+        ledger.close()
+
+
+def test_ledger_accepts_blocks_from_another_node_with_the_same_key(backend, tmp_path):
+    source_dir, _cp, heads = build_chain(backend, 3, tensor_shape=SHAPE, data_dir=tmp_path / "a", cosigners=1)
     source = Ledger.open(source_dir, backend)
     replica = Ledger.open(tmp_path / "b", f"sqlite:///{tmp_path}/replica.db", key=source.key)
     try:
-        for height in range(3):
-            block, records = source.get_block(height)
-            replica.accept(block, records, source.store.load_weights_blob(height)).result(timeout=30)
-        assert replica.verify().head_hash == heads[-1].hash
+        for served in source.blocks(0, 2):
+            replica.accept(replica.verify(served.block, served.records, served.weights_blob,
+                                          served.cosignatures)).result(timeout=30)
+        report = replica.verify_chain()
+        assert (report.head_hash, report.cosignatures, replica.head) == (heads[-1].hash, 3, heads[-1])
     finally:
         source.close()
         replica.close()
 
 
-def test_ledger_accept_refuses_a_block_not_extending_its_tip(backend, tmp_path):
+def test_ledger_verify_refuses_a_block_signed_by_another_key_than_the_authority(backend, tmp_path):
+    source_dir, _cp, _heads = build_chain(backend, 2, tensor_shape=SHAPE, data_dir=tmp_path / "a")
+    source = Ledger.open(source_dir, backend)
+    other = Ledger.open(tmp_path / "b", f"sqlite:///{tmp_path}/other.db")
+    try:
+        (genesis,) = source.blocks(0, 0)
+        other.accept(other.verify(genesis.block, genesis.records, genesis.weights_blob)).result(timeout=30)
+        with pytest.raises(VerificationError) as caught:
+            other.verify(*_next_from(source, other))
+        assert (caught.value.height, caught.value.check) == (1, "signature")
+    finally:
+        source.close()
+        other.close()
+
+
+def _next_from(source: Ledger, other: Ledger):
+    """Block 1 of ``source``, re-signed by ``other``'s key on top of the shared genesis."""
+    (served,) = source.blocks(1, 1)
+    header = dataclasses.replace(served.header, proposer_id=other.key.node_id, proposer_key=other.key.public_hex)
+    return SignedBlock.create(header, other.key), served.records, served.weights_blob
+
+
+def test_ledger_accept_refuses_a_block_not_extending_its_head(backend, tmp_path):
     data_dir, _cp, _heads = build_chain(backend, 2, tensor_shape=SHAPE, data_dir=tmp_path / "a")
     ledger = Ledger.open(data_dir, backend)
     try:
-        genesis, _ = ledger.get_block(0)
-        with pytest.raises(StoreError):
-            ledger.accept(genesis, [], encode_weights(global_weights(0, SHAPE)))
+        (genesis,) = ledger.blocks(0, 0)
+        with pytest.raises(NotExtendingHead):
+            ledger.accept(genesis)
+    finally:
+        ledger.close()
+
+
+def test_ledger_verify_refuses_a_block_not_extending_its_head(backend, tmp_path):
+    data_dir, _cp, _heads = build_chain(backend, 2, tensor_shape=SHAPE, data_dir=tmp_path / "a")
+    ledger = Ledger.open(data_dir, backend)
+    try:
+        (genesis,) = ledger.blocks(0, 0)
+        with pytest.raises(NotExtendingHead):
+            ledger.verify(genesis.block, genesis.records, genesis.weights_blob)
     finally:
         ledger.close()

@@ -13,8 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chain.encoding import EncodingError
 from chain.tensors import decode_weights, encode_weights, model_hash
-from node import errors
-from node.options import CHUNK_SIZE, MAX_MODEL_BYTES, channel_options, server_options
+from node.engine import errors
+from node.rpc.options import CHUNK_SIZE, MAX_MODEL_BYTES, channel_options, server_options
 from proto.fledger_pb2 import WeightsChunk as WeightsChunkMsg
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,12 @@ T = TypeVar("T")
 # Domain error -> status code. Anything not listed is a bug and surfaces as UNKNOWN with a traceback.
 STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     errors.BadRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.UnknownNodeError: grpc.StatusCode.NOT_FOUND,
+    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.TakenIdError: grpc.StatusCode.ALREADY_EXISTS,
     errors.NoCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadNodeError: grpc.StatusCode.UNAVAILABLE,
-    errors.StaleRoundError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NoMajorityError: grpc.StatusCode.ABORTED,
 }
 
 
@@ -97,8 +98,9 @@ def blob_chunks(blob: bytes, digest: str, chunk_size: int = CHUNK_SIZE) -> Itera
 
 
 def send_weights(weights: Mapping[str, np.ndarray], chunk_size: int = CHUNK_SIZE) -> Iterator[WeightsChunkMsg]:
-    """Encode weights (no pickle) and yield them as chunk messages, hash and size in the first."""
-    return blob_chunks(encode_weights(weights), model_hash(weights), chunk_size)
+    """Encode weights (no pickle) and yield them as chunk messages, hash and size in the first. Where the blob
+    and hash are already known (a round's base, a stored block), use ``blob_chunks`` instead."""
+    return blob_chunks(encode_weights(dict(weights)), model_hash(dict(weights)), chunk_size)
 
 
 class WeightsAssembler:
@@ -129,8 +131,9 @@ class WeightsAssembler:
                 f"weights chunks exceed the announced total_size of {self.total} bytes")
         self._buf += chunk.data
 
-    def finish(self) -> tuple[dict[str, np.ndarray], bytes]:
-        """Return (weights, blob) after checking completeness, format and model hash."""
+    def finish_blob(self) -> bytes:
+        """The whole blob after checking its size only: for a receiver that verifies the model itself (a block's
+        model is checked once, by the ledger, against the block's header)."""
         if self.total is None:
             raise errors.BadRequestError("no weights were sent")
         if len(self._buf) != self.total:
@@ -138,6 +141,12 @@ class WeightsAssembler:
                 f"weights transfer ended after {len(self._buf)} of {self.total} announced bytes")
         blob = bytes(self._buf)
         self._buf = bytearray()
+        return blob
+
+    def finish(self) -> tuple[dict[str, np.ndarray], str]:
+        """Return (weights, model hash) after checking completeness, format and the announced model hash; the
+        weights are decoded and hashed once."""
+        blob = self.finish_blob()
         try:
             weights = decode_weights(blob)
         except EncodingError as exc:
@@ -146,12 +155,12 @@ class WeightsAssembler:
         if not hmac.compare_digest(actual, str(self.expected_hash)):
             raise errors.BadRequestError(
                 f"model hash mismatch: announced {self.expected_hash}, received weights hash to {actual}")
-        return weights, blob
+        return weights, actual
 
 
 def receive_weights(chunks: Iterable[WeightsChunkMsg],
-                    max_bytes: int = MAX_MODEL_BYTES) -> tuple[dict[str, np.ndarray], bytes]:
-    """Reassemble a whole stream of chunk messages; raise BadRequestError naming what is wrong."""
+                    max_bytes: int = MAX_MODEL_BYTES) -> tuple[dict[str, np.ndarray], str]:
+    """Reassemble a whole stream of chunk messages into (weights, model hash); BadRequestError naming what is wrong."""
     assembler = WeightsAssembler(max_bytes)
     for chunk in chunks:
         assembler.add(chunk)
@@ -163,3 +172,13 @@ def rpc_error_text(exc: grpc.RpcError) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return f"{code.name if code else 'UNKNOWN'}: {details}"
+
+
+def probe_health(address: str, timeout: float = 3.0) -> bool:
+    """The node's standard gRPC health service answers SERVING within ``timeout`` seconds."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

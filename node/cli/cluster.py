@@ -13,17 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from node import transport
-from node.options import DEADLINES
-from proto import fledger_pb2_grpc
-from proto.fledger_pb2 import Empty as EmptyMsg
-from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
+from config import Config
+from node.engine.errors import NetError
+from node.process import READY_FILE
+from node.rpc.clients import AdminClient, RoundLine
 
 log = logging.getLogger(__name__)
 
-READY_FILE = "node.json"        # a node writes {"address", "node_id", "type"} here once it serves
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -112,52 +108,40 @@ def wait_for_members(entry: str, supernodes: int, edges: int, timeout: float) ->
     seen = (0, 0)
     while time.monotonic() < deadline:
         try:
-            with transport.open_channel(entry) as channel:
-                listed = fledger_pb2_grpc.AdminStub(channel).ListNodes(EmptyMsg(), timeout=DEADLINES.query)
-            alive = [m for m in listed.members if m.alive]
+            with AdminClient(entry) as admin:
+                alive = [m for m in admin.nodes() if m.alive]
             seen = (sum(m.role != "edge" for m in alive), sum(m.role == "edge" for m in alive))
             if seen[0] >= supernodes and seen[1] >= edges:
                 return
-        except grpc.RpcError as exc:
-            log.debug("entry not ready: %s", transport.rpc_error_text(exc))
+        except NetError as exc:
+            log.debug("entry not ready: %s", exc)
         time.sleep(0.3)
     raise ClusterError(f"after {timeout:.0f} s the entry lists {seen[0]} super nodes with {seen[1]} edge nodes; "
                        f"expected {supernodes} and {edges}")
 
 
-def train(entry: str, rounds: int, emit: Callable[[str], None]) -> list:
-    """Ask the entry to train ``rounds`` more rounds, relaying its progress; return the progress messages."""
+def train(entry: str, rounds: int, emit: Callable[[str], None]) -> list[RoundLine]:
+    """Ask the entry to train ``rounds`` more rounds, relaying its progress; return the progress lines."""
     progress = []
-    with transport.open_channel(entry) as channel:
-        for msg in fledger_pb2_grpc.AdminStub(channel).Train(TrainRequestMsg(rounds=rounds),
-                                                             timeout=DEADLINES.train):
-            progress.append(msg)
-            emit(_progress_line(msg))
+    with AdminClient(entry) as admin:
+        for line in admin.train(rounds):
+            progress.append(line)
+            emit(line.text())
     return progress
-
-
-def _progress_line(msg) -> str:
-    if msg.message and not msg.block_hash:
-        return msg.message
-    metrics = dict(msg.metrics)
-    acc = f"accuracy {metrics['accuracy']:.2%}  " if "accuracy" in metrics else ""
-    return (f"round {msg.round}  {acc}{msg.participants} trainers  {msg.failures} failed  "
-            f"block {msg.height} {msg.block_hash[:12]}" +
-            (f"  {msg.timings['round_s']:.2f} s" if "round_s" in msg.timings else "") +
-            (f"  ({msg.message})" if msg.message else ""))
 
 
 def check_chains(addresses: Sequence[str]) -> tuple[int, str]:
     """Every SN verifies its own chain, and all heads must be equal; return (height, hash)."""
     heads = {}
     for address in addresses:
-        with transport.open_channel(address) as channel:
-            admin = fledger_pb2_grpc.AdminStub(channel)
-            verdict = admin.Verify(EmptyMsg(), timeout=DEADLINES.train)
-            if not verdict.ok:
-                raise ClusterError(f"the chain of {address} does not verify: {verdict.message}")
-            status = admin.Status(EmptyMsg(), timeout=DEADLINES.query)
-        heads[address] = (status.head.height, status.head.hash)
+        with AdminClient(address) as admin:
+            ok, _, message = admin.verify()
+            if not ok:
+                raise ClusterError(f"the chain of {address} does not verify: {message}")
+            head = admin.status().head
+        if head is None:
+            raise ClusterError(f"the chain of {address} is empty")
+        heads[address] = (head.height, head.hash)
     if len(set(heads.values())) != 1:
         raise ClusterError("super nodes disagree on the head: " +
                            ", ".join(f"{a} at {h} {x[:12]}" for a, (h, x) in heads.items()))
@@ -175,10 +159,9 @@ def _peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-def _node_config_file(cfg, path: Path) -> Path:
+def _node_config_file(cfg: Config, path: Path) -> Path:
     """The run's FL settings, shared by every node through --config (node-specific ones go on the command line)."""
     from dataclasses import asdict
-    from config import Config
     skip = {"data_root", "db", "ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
             "partition_count"}
     defaults = asdict(Config())
@@ -187,7 +170,7 @@ def _node_config_file(cfg, path: Path) -> Path:
     return path
 
 
-def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[str], None] = print,
+def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Callable[[str], None] = print,
                 start_timeout: float = 120.0, edges_per_process: int = 1) -> dict:
     """Start the topology, train ``rounds`` rounds, check every chain and equal heads, stop everything.
 
@@ -219,6 +202,14 @@ def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[s
         emit(f"entry super node sn0 on {entry}")
         for i in range(1, supernodes):
             nodes.append(start_node(f"sn{i}", root / f"sn{i}", [*sn_args[i], "--entry", entry]))
+        # Every super node joins before any edge node, so edge node i goes to super node i mod K (in join order),
+        # the grouping `simulate --sn K` uses: the same seed gives the same model in every block.
+        deadline = time.monotonic() + start_timeout
+        for node in nodes[1:]:
+            node.wait_ready(deadline)
+            emit(f"{node.name} on {node.address}")
+        wait_for_members(entry, supernodes, 0, start_timeout)
+        edge_nodes_from = len(nodes)
         for first in range(0, edges, edges_per_process):
             hosted = min(edges_per_process, edges - first)
             name = f"en{first}" if hosted == 1 else f"en{first}-{first + hosted - 1}"
@@ -227,7 +218,7 @@ def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[s
                                      "--partition-index", str(first), "--partition-count", str(edges),
                                      "--hosted-edges", str(hosted)]))
         deadline = time.monotonic() + start_timeout
-        for node in nodes[1:]:
+        for node in nodes[edge_nodes_from:]:
             node.wait_ready(deadline)
             emit(f"{node.name} on {node.address}")
         wait_for_members(entry, supernodes, edges, start_timeout)
@@ -235,14 +226,14 @@ def run_cluster(cfg, supernodes: int, edges: int, rounds: int, emit: Callable[[s
         progress = train(entry, rounds, emit)
         height, head = check_chains([n.address for n in nodes if n.name.startswith("sn")])
         emit(f"all {supernodes} chains verify; head height {height} hash {head}")
-        final = next((dict(p.metrics) for p in reversed(progress) if p.block_hash), {})
+        final = next((p.metrics for p in reversed(progress) if p.finished), {})
         return {"supernodes": supernodes, "edges": edges, "rounds": rounds, "head_height": height,
                 "head_hash": head, "final_accuracy": final.get("accuracy"),
-                "round_timings": [dict(p.timings) for p in progress if p.block_hash],
+                "round_timings": [p.timings for p in progress if p.finished],
                 "peak_rss_mib": {n.name: _peak_rss_mib(n.popen.pid) for n in nodes},
                 "wall_s": round(time.perf_counter() - started, 3), "root": str(root)}
-    except grpc.RpcError as exc:
-        raise ClusterError(transport.rpc_error_text(exc)) from exc
+    except NetError as exc:
+        raise ClusterError(str(exc)) from exc
     finally:
         emit("stopping all nodes")
         stop_all(nodes)

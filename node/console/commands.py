@@ -1,44 +1,39 @@
-"""The console's commands: each is a function of the Console that prints its result or raises ConsoleError."""
+"""The console's commands: each is a function of a Session (the console) that prints its result or raises
+ConsoleError; the table of commands and its lookup."""
 from __future__ import annotations
 
 import hmac
-import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import grpc
+import numpy as np
 
 from chain.block import SignedBlock, SignedRecord
-from chain.encoding import EncodingError
-from chain.tensors import model_hash
-from node import transport
-from node.errors import BadRequestError
-from proto.fledger_pb2 import Empty as EmptyMsg
-from proto.fledger_pb2 import Head as HeadMsg
-from proto.fledger_pb2 import Height as HeightMsg
-from proto.fledger_pb2 import SaveRequest as SaveRequestMsg
-from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
+from node.console.parse import ConsoleError
+from node.engine.errors import BadRequestError, NetError
+from node.engine.receipts import ACC_SCALE, LOSS_SCALE
+from node.engine.types import ChainHead
+from node.engine.views import MemberView
+from node.rpc.clients import AdminClient
 
-if TYPE_CHECKING:
-    from node.console import Console
-
-log = logging.getLogger(__name__)
-
-ACC_SCALE = 10_000          # ledger accuracies are basis points (node.rounds.integer_metrics)
-LOSS_SCALE = 1_000_000      # ledger losses are millionths
 CHAIN_DEFAULT = 10          # blocks chain() shows by default
-
-
-class ConsoleError(Exception):
-    """A user-facing failure: printed as one line, the console keeps running."""
 
 
 class Quit(Exception):
     """quit()/exit(): leave the REPL."""
+
+
+class Session(Protocol):
+    """What a command needs: the node's address, its Admin client, and somewhere to print."""
+
+    address: str
+    admin: AdminClient
+
+    def say(self, text: str = "") -> None: ...
+
 
 
 # ---------------------------------------------------------------- helpers
@@ -49,24 +44,24 @@ def _int_arg(name: str, value: Any, minimum: int = 0) -> int:
     return value
 
 
-def _head(con: Console) -> HeadMsg:
-    head = con.supernode.GetHead(EmptyMsg(), timeout=con.deadlines.query)
-    if head.empty:
+def _head(con: Session) -> ChainHead:
+    head = con.admin.status().head
+    if head is None:
         raise ConsoleError(f"the chain on {con.address} is empty (no genesis block yet)")
     return head
 
 
-def _block(con: Console, height: int) -> tuple[SignedBlock, list[SignedRecord]]:
-    """Block ``height`` from Admin.GetBlock with its proposer signature and hash checked."""
-    view = con.admin.GetBlock(HeightMsg(height=height), timeout=con.deadlines.query)
-    block = SignedBlock(bytes(view.block.header_bytes), bytes(view.block.signature))
+def _block(con: Session, height: int) -> tuple[SignedBlock, list[SignedRecord]]:
+    """Block ``height`` with its proposer's and trainers' signatures and its hash checked."""
     try:
-        header = block.check()
-    except EncodingError as exc:
+        view = con.admin.block(height)
+    except BadRequestError as exc:
+        if exc.status:   # the node refused the request itself
+            raise
         raise ConsoleError(f"block {height} from {con.address} is malformed: {exc}") from None
-    if header.height != height or not hmac.compare_digest(block.hash, view.hash):
+    if view.block.header.height != height:
         raise ConsoleError(f"block {height} from {con.address} does not match its height or hash")
-    return block, [SignedRecord(bytes(r.record_bytes), bytes(r.signature)) for r in view.records]
+    return view.block, view.records
 
 
 def _metrics_text(metrics: dict[str, int] | dict[str, float]) -> str:
@@ -96,10 +91,9 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------- commands
 
-def cmd_help(con: Console, command: str | None = None) -> bool:
+def cmd_help(con: Session, command: str | None = None) -> bool:
     """list the commands, or describe one: help, help("getModel")"""
     if command is not None:
-        from node.console import lookup   # late: node.console imports this module
         name, fn = lookup(str(command))
         con.say(f"{name}: {(fn.__doc__ or '').strip()}")
         return True
@@ -112,11 +106,11 @@ def cmd_help(con: Console, command: str | None = None) -> bool:
     return True
 
 
-def cmd_status(con: Console) -> bool:
+def cmd_status(con: Session) -> bool:
     """the node's role, head block, round, members and training state"""
-    st = con.admin.Status(EmptyMsg(), timeout=con.deadlines.query)
+    st = con.admin.status()
     con.say(f"node      {st.node_id} ({st.role}) at {con.address}")
-    if st.head.empty:
+    if st.head is None:
         con.say("head      empty chain (no genesis yet)")
     else:
         con.say(f"head      height {st.head.height}  hash {st.head.hash}")
@@ -130,63 +124,62 @@ def cmd_status(con: Console) -> bool:
     return True
 
 
-def cmd_train(con: Console, rounds: int = 0) -> bool:
+def cmd_train(con: Session, rounds: int = 0) -> bool:
     """start or resume federated training: train(), train(rounds=N); Ctrl-C stops waiting, not training"""
     rounds = _int_arg("rounds", rounds)
-    deadline = con.deadlines.round * max(rounds, 1)
-    stream = con.admin.Train(TrainRequestMsg(rounds=rounds), timeout=deadline)
-    last, first = time.monotonic(), True
+    lines = con.admin.train(rounds)
+    first = True
     try:
-        for progress in stream:
+        for line in lines:
             if first:   # the call's errors surface on the first read, so announce only once it is accepted
                 con.say(f"training {f'for {rounds} round(s)' if rounds else 'with the node defaults'} "
                         f"on {con.address}; Ctrl-C stops waiting")
                 first = False
-            now = time.monotonic()
-            seconds = progress.metrics.get("seconds", now - last)
-            last = now
-            if not progress.block_hash:   # a note, not a finished round
-                con.say(progress.message or f"round {progress.round}")
+            if not line.finished:
+                con.say(line.message or f"round {line.round}")
+                if line.message.startswith(("training stopped", f"round {line.round} failed")):
+                    return False
                 continue
-            metrics = {k: v for k, v in progress.metrics.items() if k != "seconds"}
+            metrics = dict(line.metrics)
             acc = f"{metrics.pop('accuracy'):.4f}" if "accuracy" in metrics else "-"
             loss = f"{metrics.pop('loss'):.4f}" if "loss" in metrics else "-"
             extra = f"  {_metrics_text(metrics)}" if metrics else ""
-            note = f"  {progress.message}" if progress.message else ""
-            con.say(f"round {progress.round:>4}  accuracy {acc}  loss {loss}  {seconds:6.1f}s  "
-                    f"block {progress.height} {progress.block_hash[:12]}  participants {progress.participants}"
-                    f"  failures {progress.failures}{extra}{note}")
+            note = f"  {line.message}" if line.message else ""
+            seconds = f"{line.timings['round_s']:6.1f}s  " if "round_s" in line.timings else ""
+            con.say(f"round {line.round:>4}  accuracy {acc}  loss {loss}  {seconds}"
+                    f"block {line.height} {line.block_hash[:12]}  participants {line.participants}"
+                    f"  failures {line.failures}{extra}{note}")
     except KeyboardInterrupt:
-        stream.cancel()
+        lines.close()
         con.say("stopped waiting; training continues on the node (pause() stops it)")
         return True
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.CANCELLED:
+    except NetError as exc:
+        if exc.status == "CANCELLED":
             return True
         raise
     con.say("training finished")
     return True
 
 
-def cmd_pause(con: Console) -> bool:
+def cmd_pause(con: Session) -> bool:
     """stop training after the current round"""
-    con.admin.Pause(EmptyMsg(), timeout=con.deadlines.query)
+    con.admin.pause()
     con.say("training will stop after the current round")
     return True
 
 
-def cmd_save(con: Console, path: str = "") -> bool:
+def cmd_save(con: Session, path: str = "") -> bool:
     """write the current global model to a file ON THE SUPER NODE: save(), save(path="...")"""
     if not isinstance(path, str):
         raise ConsoleError(f"bad arguments: path must be a string, got {path!r}")
-    reply = con.admin.Save(SaveRequestMsg(path=path), timeout=con.deadlines.block)
-    con.say(f"saved on {con.address}: {reply.path} (model hash {reply.model_hash})")
+    saved, digest = con.admin.save(path)
+    con.say(f"saved on {con.address}: {saved} (model hash {digest})")
     return True
 
 
-def cmd_eval(con: Console) -> bool:
+def cmd_eval(con: Session) -> bool:
     """evaluate the global model on the edge nodes' test data"""
-    reply = con.admin.Eval(EmptyMsg(), timeout=con.deadlines.evaluate)
+    reply = con.admin.evaluate()
     if reply.samples:
         con.say(f"global model: accuracy {reply.accuracy:.4f}  loss {reply.loss:.4f}  on {reply.samples} samples")
     else:
@@ -201,27 +194,25 @@ def cmd_eval(con: Console) -> bool:
     return all(not e.error for e in reply.edges)
 
 
-def cmd_get_sn(con: Console) -> bool:
+def cmd_get_sn(con: Session) -> bool:
     """list the super nodes and their edge nodes with liveness and load"""
-    st = con.admin.Status(EmptyMsg(), timeout=con.deadlines.query)
-    members = list(con.admin.ListNodes(EmptyMsg(), timeout=con.deadlines.query).members)
+    st = con.admin.status()
+    members = con.admin.nodes()
     sns = [m for m in members if m.role != "edge"]
-    edges: dict[str, list] = {}
+    edges: dict[str, list[MemberView]] = {}
     for m in members:
         if m.role == "edge":
             edges.setdefault(m.parent_id, []).append(m)
     rows = []
     for sn in sns:
-        note = ", ".join(x for x in (sn.role, "this node" if sn.info.node_id == st.node_id else "") if x)
-        rows.append(["SN", sn.info.node_id, sn.info.address, _liveness(sn),
-                     f"{sn.load}/{sn.info.capacity or 'inf'}", note])
-        if sn.alive and sn.info.node_id not in edges:
+        note = ", ".join(x for x in (sn.role, "this node" if sn.node_id == st.node_id else "") if x)
+        rows.append(["SN", sn.node_id, sn.address, _liveness(sn), f"{sn.load}/{sn.capacity or 'inf'}", note])
+        if sn.alive and sn.node_id not in edges:
             note = "no edge nodes" if sn.load == 0 else "edge nodes unknown: super node unreachable"
             rows.append(["  EN", "-", "-", "-", "-", note])
-        for e in edges.pop(sn.info.node_id, []):
-            share = f"share {e.info.partition_index}, " if e.info.HasField("partition_index") else ""
-            rows.append(["  EN", e.info.node_id, e.info.address, _liveness(e), "-",
-                         f"{share}{e.info.samples} samples"])
+        for e in edges.pop(sn.node_id, []):
+            share = f"share {e.share}, " if e.share is not None else ""
+            rows.append(["  EN", e.node_id, e.address, _liveness(e), "-", f"{share}{e.samples} samples"])
     con.say(table(rows, ["kind", "node id", "address", "alive", "load", "note"]))
     live = [m for m in members if m.alive]
     con.say(f"{sum(m.role != 'edge' for m in live)} live super nodes, {sum(m.role == 'edge' for m in live)} live "
@@ -229,12 +220,12 @@ def cmd_get_sn(con: Console) -> bool:
     return True
 
 
-def _liveness(member) -> str:
+def _liveness(member: MemberView) -> str:
     """"yes (0.4 s)": alive, last heard 0.4 s ago; "DEAD (31 s)": dropped, silent that long."""
     return f"{'yes' if member.alive else 'DEAD'} ({member.silent_s:.1f} s)"
 
 
-def cmd_chain(con: Console, n: int = CHAIN_DEFAULT) -> bool:
+def cmd_chain(con: Session, n: int = CHAIN_DEFAULT) -> bool:
     """the most recent blocks: chain(), chain(n=20)"""
     n = _int_arg("n", n, minimum=1)
     head = _head(con)
@@ -248,7 +239,7 @@ def cmd_chain(con: Console, n: int = CHAIN_DEFAULT) -> bool:
     return True
 
 
-def cmd_get_block(con: Console, height: int) -> bool:
+def cmd_get_block(con: Session, height: int) -> bool:
     """one block's header and update records: getBlock(3)"""
     height = _int_arg("height", height)
     block, records = _block(con, height)
@@ -262,27 +253,23 @@ def cmd_get_block(con: Console, height: int) -> bool:
                          ("proposer", h.proposer_id)]:
         con.say(f"{label:<13}{value}")
     for signed in records:
-        try:
-            r = signed.record
-        except EncodingError as exc:
-            con.say(f"  record: malformed ({exc})")
-            continue
+        r = signed.record
         con.say(f"  record: trainer {r.trainer_id}  samples {r.samples}  update {r.update_hash[:16]}  "
                 f"{_metrics_text(r.metrics)}")
     return True
 
 
-def cmd_verify(con: Console) -> bool:
+def cmd_verify(con: Session) -> bool:
     """the super node re-verifies its whole ledger (hashes, links, signatures, models)"""
-    reply = con.admin.Verify(EmptyMsg(), timeout=con.deadlines.sync)
-    if reply.ok:
-        con.say(f"OK: {reply.blocks} blocks; {reply.message}")
+    ok, blocks, message = con.admin.verify()
+    if ok:
+        con.say(f"OK: {blocks} blocks; {message}")
         return True
-    con.say(f"FAIL: {reply.message}")
+    con.say(f"FAIL: {message}")
     return False
 
 
-def cmd_get_model(con: Console, height: int | None = None, path: str | None = None) -> bool:
+def cmd_get_model(con: Session, height: int | None = None, path: str | None = None) -> bool:
     """download and check a model, save it as a torch state_dict: getModel(), getModel(height=2, path="m.pt")"""
     if height is None:
         height = _head(con).height
@@ -292,11 +279,11 @@ def cmd_get_model(con: Console, height: int | None = None, path: str | None = No
     block, _ = _block(con, height)
     expected = block.header.model_hash
     try:
-        weights, _blob = transport.receive_weights(
-            con.supernode.GetModel(HeightMsg(height=height), timeout=con.deadlines.sync))
+        weights, actual = con.admin.model(height)
     except BadRequestError as exc:
+        if exc.status:
+            raise
         raise ConsoleError(f"model {height} from {con.address} failed its check: {exc}") from None
-    actual = model_hash(weights)
     if not hmac.compare_digest(actual, expected):
         raise ConsoleError(f"model {height} from {con.address} hashes to {actual}, but block {height} records "
                            f"{expected}; not saved")
@@ -307,7 +294,7 @@ def cmd_get_model(con: Console, height: int | None = None, path: str | None = No
     return True
 
 
-def _write_state_dict(weights: dict, target: Path) -> None:
+def _write_state_dict(weights: dict[str, np.ndarray], target: Path) -> None:
     """A plain state_dict of tensors, loadable with torch.load(path, weights_only=True); written atomically."""
     import torch   # late: only this command needs torch, and importing it takes seconds
 
@@ -320,7 +307,7 @@ def _write_state_dict(weights: dict, target: Path) -> None:
         raise ConsoleError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
-def cmd_quit(con: Console) -> bool:
+def cmd_quit(con: Session) -> bool:
     """leave the console (also exit() or Ctrl-D)"""
     raise Quit
 
@@ -343,3 +330,13 @@ COMMANDS: dict[str, Callable[..., bool]] = {
 # Lower-case alias -> lower-case command name. trainFL is kept for the original project's users.
 ALIAS_DISPLAY = {"trainFL": "train", "exit": "quit"}
 ALIASES = {alias.lower(): target.lower() for alias, target in ALIAS_DISPLAY.items()}
+
+
+def lookup(name: str) -> tuple[str, Callable[..., bool]]:
+    """The canonical command name and its function; names are matched case-insensitively."""
+    key = name.lower()
+    key = ALIASES.get(key, key)
+    for canonical, fn in COMMANDS.items():
+        if canonical.lower() == key:
+            return canonical, fn
+    raise ConsoleError(f"unknown command {name!r}; type help")

@@ -1,4 +1,4 @@
-"""Membership with heartbeats and liveness: the entry's super-node registry, each SN's edge table, round order.
+"""Membership with heartbeats and liveness: the entry's super-node registry and each super node's edge table.
 
 Pure logic (no gRPC, no sleeping): the clock is injected so tests can move time by hand.
 """
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN, node_id_for
-from node.errors import BadRequestError, DeadNodeError, NoCapacityError, StaleRoundError, TakenIdError, UnknownNodeError
+from node.engine.errors import BadRequestError, NoCapacityError, NotFoundError, TakenIdError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class Member:
     samples: int = 0      # EN: local training samples
     load: int = 0         # SN: edge nodes it reports (or has been assigned since its last heartbeat)
     last_seen: float = 0.0
+    share: int | None = None   # EN: its data-share index, when it said
+    joined: int = 0            # order of (re-)registration in its table: the super nodes' positions
 
 
 class Membership:
@@ -46,12 +48,14 @@ class Membership:
         self._lock = threading.Lock()
         self._members: dict[str, Member] = {}
         self._dead: dict[str, Member] = {}   # dropped members, listed as dead until they register again
+        self._joined = 0
 
     @property
     def timeout(self) -> float:
         return self.heartbeat_interval * self.missed_beats
 
-    def register(self, node_id: str, public_key: str, address: str, capacity: int = 0, samples: int = 0) -> Member:
+    def register(self, node_id: str, public_key: str, address: str, capacity: int = 0, samples: int = 0,
+                 share: int | None = None) -> Member:
         """Add or refresh a member; the same id with another key is refused, as is a new member when full."""
         with self._lock:
             self._prune_locked()
@@ -63,8 +67,10 @@ class Membership:
                 raise BadRequestError(f"{self.kind} {node_id}: address must be host:port, got {address!r}")
             if known is None and self.capacity and len(self._members) >= self.capacity:
                 raise NoCapacityError(f"{self.kind} table is full ({self.capacity}); try another super node")
-            member = Member(node_id, public_key, address, capacity, samples,
-                            known.load if known else 0, self._clock())
+            if known is None:
+                self._joined += 1
+            member = Member(node_id, public_key, address, capacity, samples, known.load if known else 0,
+                            self._clock(), share, known.joined if known else self._joined)
             self._members[node_id] = member
             self._dead.pop(node_id, None)
         if known is None:
@@ -77,7 +83,7 @@ class Membership:
             self._prune_locked()
             member = self._members.get(node_id)
             if member is None:
-                raise UnknownNodeError(f"{self.kind} {node_id} is not registered (or was dropped); register again")
+                raise NotFoundError(f"{self.kind} {node_id} is not registered (or was dropped); register again")
             member = replace(member, last_seen=self._clock(), load=member.load if load is None else load)
             self._members[node_id] = member
             return member
@@ -86,15 +92,8 @@ class Membership:
         with self._lock:
             self._prune_locked()
             if node_id not in self._members:
-                raise UnknownNodeError(f"unknown {self.kind} {node_id}")
+                raise NotFoundError(f"unknown {self.kind} {node_id}")
             return self._members[node_id]
-
-    def remove(self, node_id: str) -> None:
-        """Forget a member entirely (it is not listed as dead)."""
-        with self._lock:
-            self._dead.pop(node_id, None)
-            if self._members.pop(node_id, None) is None:
-                raise UnknownNodeError(f"unknown {self.kind} {node_id}")
 
     def members(self) -> list[Member]:
         """Live members in id order (dead ones are dropped first)."""
@@ -109,11 +108,6 @@ class Membership:
             if include_dead:
                 rows += [(m, False, now - m.last_seen) for m in self._dead.values()]
         return sorted(rows, key=lambda row: (not row[1], row[0].node_id))
-
-    def prune(self) -> list[Member]:
-        """Drop members silent for longer than the timeout; return them."""
-        with self._lock:
-            return self._prune_locked()
 
     def __len__(self) -> int:
         return len(self.members())
@@ -141,13 +135,17 @@ class SuperNodeRegistry(Membership):
         # may not yet include ones just assigned, so a burst of ENs would otherwise all go to the same SN.
         self._recent: dict[str, list[float]] = {}
 
-    def assign(self, edge_id: str, edge_key: str) -> Member:
-        """The live SN with the fewest edge nodes and room for one more (ties by id); sticky per edge."""
+    def assign(self, edge_id: str, edge_key: str, share: int | None = None) -> Member:
+        """Where an edge node goes; sticky per edge. An edge of data share ``i`` goes to the live super node at
+        position ``i mod K`` in the order they joined (the entry first), so the grouping of shares, and with it the
+        network's aggregate, is the simulator's (``simulate --sn K``) whenever all K super nodes joined before the
+        edge nodes. An edge without a share, or whose super node is full, goes to the live super node with the
+        fewest edge nodes and room for one more (ties by id)."""
         _check_identity(edge_id, edge_key)
         with self._lock:
             self._prune_locked()
             if not self._members:
-                raise DeadNodeError("no live super node is registered; start a super node and retry")
+                raise UnavailableError("no live super node is registered; start a super node and retry")
             previous = self._members.get(self._assigned.get(edge_id, ""))
             if previous is not None:
                 return previous
@@ -158,7 +156,9 @@ class SuperNodeRegistry(Membership):
             open_ = [m for m in self._members.values() if not m.capacity or load[m.node_id] < m.capacity]
             if not open_:
                 raise NoCapacityError(f"all {len(self._members)} live super nodes are full; start another one")
-            chosen = min(open_, key=lambda m: (load[m.node_id], m.node_id))
+            ranked = sorted(self._members.values(), key=lambda m: m.joined)
+            by_share = ranked[share % len(ranked)] if share is not None else None
+            chosen = by_share if by_share in open_ else min(open_, key=lambda m: (load[m.node_id], m.node_id))
             # Count the edge now; the SN's next heartbeat sets the load it really has.
             chosen = replace(chosen, load=load[chosen.node_id] + 1)
             self._members[chosen.node_id] = chosen
@@ -166,31 +166,6 @@ class SuperNodeRegistry(Membership):
             self._recent.setdefault(chosen.node_id, []).append(now)
         log.info("edge node %s assigned to super node %s", edge_id, chosen.node_id)
         return chosen
-
-    def require(self, node_id: str) -> Member:
-        """A super node that must be alive now (DeadNodeError when it was known but dropped)."""
-        try:
-            return self.get(node_id)
-        except UnknownNodeError:
-            raise DeadNodeError(f"super node {node_id} is not alive") from None
-
-
-class RoundTracker:
-    """Round numbers only move forward; an old or repeated round is refused."""
-
-    def __init__(self, last: int = 0):
-        self._lock = threading.Lock()
-        self.last = last
-
-    def begin(self, round: int) -> None:
-        with self._lock:
-            if round <= self.last:
-                raise StaleRoundError(f"round {round} is stale: round {self.last} was already started")
-            self.last = round
-
-    def check_current(self, round: int) -> None:
-        if round != self.last:
-            raise StaleRoundError(f"round {round} is not the current round {self.last}")
 
 
 def _check_identity(node_id: str, public_key: str) -> None:

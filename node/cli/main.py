@@ -11,13 +11,23 @@ from pathlib import Path
 from chain.checkpoint import Checkpoint, CheckpointError
 from chain.keys import NodeKey
 from chain.verify import VerificationError, verify_chain
-from storage.engine import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class UsageError(Exception):
     """A user error: printed as one line, exit code 2."""
+
+
+# Errors a user causes and can fix (bad flags, settings, data, files, an unreachable database): one line, exit 2.
+# Each is looked up only if its module was imported, since only then can it have been raised.
+USER_ERRORS = (("config", "ConfigError"), ("fl.data", "DataError"), ("fl.partition", "PartitionError"),
+               ("chain.checkpoint", "CheckpointError"), ("chain.keys", "KeyFileError"),
+               ("storage.engine", "StorageUnavailable"), ("node.sim.simulator", "ResumeMismatch"))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return (UsageError, *(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules))
 
 
 def _verify_parser(sub) -> None:
@@ -114,18 +124,25 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--fresh", action="store_true", help="discard the ledger in --db and start a new chain")
     p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sn", type=int, default=1,
+                   help="super nodes simulated in this process (default 1); edge node i belongs to super node i mod K")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fl.data import DataError
-    from fl.partition import PartitionError
-    from node.simulator import simulate
+    from fl.server import RoundFailed
+    from node.engine.errors import NoMajorityError
+    from node.sim.simulator import simulate
     cfg = config_from(args)
+    if args.sn < 1:
+        raise UsageError(f"--sn must be at least 1, got {args.sn}")
+    if args.sn > cfg.clients:
+        raise UsageError(f"--sn {args.sn} super nodes need at least as many clients; got --clients {cfg.clients}")
     out = args.out or str(Path(cfg.data_root) / "out")
     try:
-        result = simulate(cfg, fresh=args.fresh, out_dir=out, progress=not args.no_progress)
-    except (DataError, PartitionError) as exc:
-        raise UsageError(str(exc)) from exc
+        result = simulate(cfg, fresh=args.fresh, out_dir=out, progress=not args.no_progress, super_nodes=args.sn)
+    except (RoundFailed, NoMajorityError) as exc:
+        print(f"simulation stopped: {exc}; the chain keeps every block before it (rerun to resume)", file=sys.stderr)
+        return 1
     print(f"done: {result['rounds_run']} rounds in {result['wall_s']:.1f} s; final accuracy "
           f"{_pct(result['final_accuracy'])}; head height {result['head_height']} hash {result['head_hash']}; "
           f"metrics and plot in {out}")
@@ -167,14 +184,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from fl.data import DataError
-    from fl.partition import PartitionError
-    from node.launch import run_node
-    cfg = config_from(args, NODE_KEYS)
-    try:
-        return run_node(cfg)
-    except (DataError, PartitionError) as exc:
-        raise UsageError(str(exc)) from exc
+    from node.process.launch import run_node
+    return run_node(config_from(args, NODE_KEYS))
 
 
 def _cluster_parser(sub) -> None:
@@ -188,7 +199,7 @@ def _cluster_parser(sub) -> None:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from node.cluster import ClusterError, run_cluster
+    from node.cli.cluster import ClusterError, run_cluster
     if args.sn < 1 or args.en < 1 or args.en_per_process < 1:
         raise UsageError("a cluster needs at least one super node (--sn) and one edge node (--en), "
                          "and --en-per-process of at least 1")
@@ -237,7 +248,9 @@ def run(argv: Sequence[str]) -> int:
             parser.print_help()
             return 2
         return COMMANDS[args.command][1](args)
-    except (UsageError, StorageUnavailable, ValueError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise   # a bug: its traceback is what a report needs
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

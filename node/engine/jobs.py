@@ -1,4 +1,4 @@
-"""Admin.Train: the entry's training rounds run one job at a time in a background thread, which the console follows."""
+"""Training jobs: the proposer runs rounds one job at a time in a background thread, which consoles follow."""
 from __future__ import annotations
 
 import logging
@@ -7,31 +7,34 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from fl.server import RoundFailed
-from node.coordinator import Coordinator
-from node.errors import NetError
+from node.engine.coordinator import Coordinator
+from node.engine.errors import NetError
+from node.engine.types import Note, RoundReport
 from node.ledger import Ledger
+
+Progress = RoundReport | Note
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainJob:
-    """One Train request being run: its progress messages, appended as rounds finish."""
+    """One Train request being run: its progress, appended as rounds finish."""
 
     first_round: int
     last_round: int
-    progress: list = field(default_factory=list)   # TrainProgress messages
+    progress: list[Progress] = field(default_factory=list)
     done: bool = False
     current: int = 0                                # round in progress (0: none yet)
 
 
-class Trainer:
-    """Runs Train jobs one at a time in a background thread; Pause stops a job after its current round."""
+class TrainingJobs:
+    """Runs training jobs one at a time in a background thread; pause stops a job after its current round."""
 
-    def __init__(self, coordinator: Coordinator, ledger: Ledger, rounds_default: int, to_progress: Callable):
-        self.coordinator, self.ledger = coordinator, ledger
-        self.rounds_default = rounds_default          # Train(0): up to this total round
-        self.to_progress = to_progress                # (report | None, round, message) -> TrainProgress message
+    def __init__(self, coordinator: Coordinator, rounds_default: int):
+        self.coordinator = coordinator
+        self.ledger: Ledger = coordinator.ledger
+        self.rounds_default = rounds_default          # start(0): up to this total round
         self._cond = threading.Condition()
         self._job: TrainJob | None = None
         self._thread: threading.Thread | None = None
@@ -47,8 +50,8 @@ class Trainer:
         with self._cond:
             if self._job is not None and not self._job.done and self._job.current:
                 return self._job.current
-        tip = self.ledger.tip
-        return tip.header.round if tip else 0
+        head = self.ledger.head
+        return head.round if head else 0
 
     def start(self, rounds: int) -> tuple[TrainJob, bool]:
         """Start a job of ``rounds`` rounds after the head (0: up to the configured total); (job, False) when one
@@ -56,14 +59,13 @@ class Trainer:
         with self._cond:
             if self._job is not None and not self._job.done:
                 return self._job, False
-            tip = self.ledger.tip
-            head_round = tip.header.round if tip else 0
+            head = self.ledger.head
+            head_round = head.round if head else 0
             last = head_round + rounds if rounds else self.rounds_default
             job = TrainJob(head_round + 1, last)
             self._job, self.pause_requested = job, False
             if job.first_round > job.last_round:
-                job.progress.append(self.to_progress(None, head_round, f"nothing to do: round {head_round} "
-                                                                       f"already reached {last}"))
+                job.progress.append(Note(head_round, f"nothing to do: round {head_round} already reached {last}"))
                 job.done = True
                 return job, True
             self._thread = threading.Thread(target=self._run, args=(job,), name="train", daemon=True)
@@ -74,8 +76,8 @@ class Trainer:
         with self._cond:
             self.pause_requested = True
 
-    def follow(self, job: TrainJob, alive: Callable[[], bool] = lambda: True) -> Iterator:
-        """Yield the job's progress messages from the first until it is done (or the caller went away)."""
+    def follow(self, job: TrainJob, alive: Callable[[], bool] = lambda: True) -> Iterator[Progress]:
+        """Yield the job's progress from the first until it is done (or the caller went away)."""
         sent = 0
         while alive():
             with self._cond:
@@ -100,7 +102,7 @@ class Trainer:
             for rnd in range(job.first_round, job.last_round + 1):
                 with self._cond:
                     if self.pause_requested:
-                        job.progress.append(self.to_progress(None, rnd - 1, f"paused after round {rnd - 1}"))
+                        job.progress.append(Note(rnd - 1, f"paused after round {rnd - 1}"))
                         break
                     job.current = rnd
                 try:
@@ -108,15 +110,15 @@ class Trainer:
                 except (RoundFailed, NetError) as exc:
                     log.error("round %d failed: %s", rnd, exc)
                     with self._cond:
-                        job.progress.append(self.to_progress(None, rnd, f"round {rnd} failed: {exc}"))
+                        job.progress.append(Note(rnd, f"round {rnd} failed: {exc}"))
                     break
                 with self._cond:
-                    job.progress.append(self.to_progress(report, rnd, ""))
+                    job.progress.append(report)
                     self._cond.notify_all()
         except Exception as exc:  # a bug must not leave followers waiting forever
             log.exception("training stopped")
             with self._cond:
-                job.progress.append(self.to_progress(None, job.current, f"training stopped: {exc}"))
+                job.progress.append(Note(job.current, f"training stopped: {exc}"))
         finally:
             with self._cond:
                 job.done = True

@@ -8,11 +8,13 @@ import signal
 import threading
 from pathlib import Path
 
-from config import Config
+from config import Config, ConfigError
+from node.process import READY_FILE
+from node.process.edge import EdgeHost, EdgeNode
+from node.process.supernode import SuperNode
 
 log = logging.getLogger(__name__)
 
-READY_FILE = "node.json"
 
 
 def _advertise(cfg: Config) -> tuple[str, int | None]:
@@ -21,35 +23,34 @@ def _advertise(cfg: Config) -> tuple[str, int | None]:
     if cfg.advertise:
         host, _, port = cfg.advertise.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) <= 65535:
-            raise ValueError(f"--advertise must be HOST:PORT, got {cfg.advertise!r}")
+            raise ConfigError(f"--advertise must be HOST:PORT, got {cfg.advertise!r}")
         return host, int(port)
     if cfg.ip in ("0.0.0.0", "::", ""):
-        raise ValueError("binding all interfaces needs --advertise HOST:PORT so peers know where to reach this node")
+        raise ConfigError("binding all interfaces needs --advertise HOST:PORT so peers know where to reach this node")
     return cfg.ip, None
 
 
-def build_node(cfg: Config):
-    """The SuperNode or EdgeNode this Config describes (not started)."""
+def build_node(cfg: Config) -> SuperNode | EdgeNode | EdgeHost:
+    """The super node or edge node(s) this Config describes (not started)."""
     from chain.keys import NodeKey
+    from node.engine.edge import PERSONAL_FILE, restore_personal
     from node.ledger import KEY_FILE, Ledger
-    from node.setup import configure_torch
+    from node.run import configure_torch, edge_trainers
 
     listen = f"{cfg.ip}:{cfg.port}"
     host, advertised_port = _advertise(cfg)
     Path(cfg.data_root).mkdir(parents=True, exist_ok=True)
     if cfg.node_type == "SN":
-        from node.supernode import SuperNode
         if not cfg.is_entry and not cfg.entry:
-            raise ValueError("a super node needs --entry HOST:PORT, or -z to be the entry itself")
+            raise ConfigError("a super node needs --entry HOST:PORT, or -z to be the entry itself")
         configure_torch(cfg)
         ledger = Ledger.open(cfg.data_root, cfg.db)
-        return SuperNode(ledger.key, ledger, listen, entry=None if cfg.is_entry else cfg.entry,
-                         advertise_host=host, advertise_port=advertised_port, capacity=cfg.max_edges_per_sn,
+        return SuperNode(ledger, listen, cfg, entry=None if cfg.is_entry else cfg.entry, advertise_host=host,
+                         advertise_port=advertised_port, capacity=cfg.max_edges_per_sn,
                          heartbeat_interval=cfg.heartbeat_s,
-                         missed_beats=max(2, round(cfg.dead_after_s / cfg.heartbeat_s)), cfg=cfg)
-    from node.edge import PERSONAL_FILE, EdgeHost, EdgeNode, edge_participants, restore_personal
+                         missed_beats=max(2, round(cfg.dead_after_s / cfg.heartbeat_s)))
     if not cfg.entry:
-        raise ValueError("an edge node needs --entry HOST:PORT of the entry super node")
+        raise ConfigError("an edge node needs --entry HOST:PORT of the entry super node")
     device = configure_torch(cfg)
     shares = range(cfg.partition_index, cfg.partition_index + cfg.hosted_edges)
     # One edge node keeps the data root itself; a host gives each of its nodes DATA_ROOT/edge-<share>.
@@ -58,22 +59,23 @@ def build_node(cfg: Config):
     for root in roots:
         root.mkdir(parents=True, exist_ok=True)
         keys.append(NodeKey.load_or_create(root / KEY_FILE))
-    participants = edge_participants(cfg, [k.node_id for k in keys], device=device)
+    trainers, _, _ = edge_trainers(cfg, keys, cfg.partition_index, cfg.partition_count, device=device)
     nodes = []
-    for i, (root, key, participant) in enumerate(zip(roots, keys, participants)):
-        restore_personal(participant, root / PERSONAL_FILE)
+    for i, (root, trainer) in enumerate(zip(roots, trainers)):
+        restore_personal(trainer.participant, root / PERSONAL_FILE)
+        trainer.personal_file = root / PERSONAL_FILE
         port = cfg.port + i if cfg.port else 0
-        nodes.append(EdgeNode(key, participant, f"{cfg.ip}:{port}", cfg.entry, advertise_host=host,
+        nodes.append(EdgeNode(trainer, f"{cfg.ip}:{port}", cfg.entry, advertise_host=host,
                               advertise_port=advertised_port + i if advertised_port else None,
-                              samples=participant.num_train_samples, heartbeat_interval=cfg.heartbeat_s,
-                              partition_index=shares[i], personal_file=root / PERSONAL_FILE))
+                              heartbeat_interval=cfg.heartbeat_s))
     return nodes[0] if len(nodes) == 1 else EdgeHost(nodes)
 
 
-def write_ready(cfg: Config, node) -> None:
+def write_ready(cfg: Config, node: SuperNode | EdgeNode | EdgeHost) -> None:
     """Tell whoever started us (the cluster command, a test) where we serve: DATA_ROOT/node.json, atomically."""
+    addresses = node.addresses if isinstance(node, EdgeHost) else [node.address]
     info = {"address": node.address, "node_id": node.key.node_id, "type": cfg.node_type,
-            "entry": cfg.is_entry, "pid": os.getpid(), "addresses": getattr(node, "addresses", [node.address])}
+            "entry": cfg.is_entry, "pid": os.getpid(), "addresses": addresses}
     path = Path(cfg.data_root) / READY_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(info))
@@ -89,7 +91,7 @@ def run_node(cfg: Config) -> int:
     write_ready(cfg, node)
     role = "entry super node" if cfg.node_type == "SN" and cfg.is_entry else \
         "super node" if cfg.node_type == "SN" else "edge node"
-    for n in getattr(node, "nodes", [node]):
+    for n in node.nodes if isinstance(node, EdgeHost) else [node]:
         print(f"{role} {n.key.node_id} serving on {n.address}", flush=True)
     try:
         while not stop.wait(0.5):
@@ -97,8 +99,7 @@ def run_node(cfg: Config) -> int:
     finally:
         print("stopping", flush=True)
         node.stop()
-        ledger = getattr(node, "ledger", None)
-        if ledger is not None:
-            ledger.close()
+        if isinstance(node, SuperNode):
+            node.ledger.close()
         (Path(cfg.data_root) / READY_FILE).unlink(missing_ok=True)
     return 0

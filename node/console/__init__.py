@@ -1,0 +1,3 @@
+"""The admin console: command parsing (pure), the commands over an Admin client, and the REPL.
+
+May import node.rpc.clients, node.engine (errors and views), chain; never grpc or protobuf directly."""

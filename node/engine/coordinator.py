@@ -1,0 +1,152 @@
+"""The proposer's round, the one round path of the simulator and the network: select edge nodes over every super
+node, announce, collect the partials (in-process or over gRPC), combine them, evaluate, build the block, have it
+co-signed and committed. The entry super node runs it; the simulator runs it with in-process peers."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from chain.block import SignedBlock
+from fl.server import RoundFailed, evaluate_personalised
+from node.engine.consensus import ask_all, finalize
+from node.engine.errors import PreconditionError
+from node.engine.partial import check_partial, combine, combine_metrics
+from node.engine.receipts import integer_metrics
+from node.engine.supernode import SuperNodeCore
+from node.engine.types import (Announcement, Base, EdgeDirectory, EdgeRef, Partial, Peer, Plan, RoundReport,
+                               share_order)
+from node.ledger import Ledger
+from node.run import RunContext
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Runs rounds from the proposer over its own super node (``local``) and the other live ones (``peers()``)."""
+
+    def __init__(self, ctx: RunContext, local: SuperNodeCore, peers: Callable[[], Sequence[Peer]],
+                 evaluators: EdgeDirectory | None = None, *, wait_durable: bool = True,
+                 client_state: Callable[[], dict[str, bytes] | None] | None = None):
+        self.ctx = ctx
+        self.local = local
+        self.ledger: Ledger = local.ledger
+        self.peers = peers                # the other live super nodes
+        self.evaluators = evaluators      # reaches any edge node for personalised evaluation (default: local's)
+        self.wait_durable = wait_durable  # False: a round without peers does not wait for its block's write
+        self.client_state = client_state  # the simulator's per-client state, stored with each block to resume
+
+    def genesis(self, edges: Sequence[EdgeRef] = ()) -> tuple[SignedBlock, dict[str, float]]:
+        """The round-0 block from the seeded initial model, evaluated (when personalised) on ``edges``, and its
+        metrics."""
+        weights = self.ctx.genesis_weights()
+        metrics = self.evaluate(Base(0, None, weights), edges)
+        proposal = self.ledger.build(round=0, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
+                                     weights=weights, records=[], metrics=integer_metrics(metrics),
+                                     timestamp_ms=self.ctx.timestamp(0))
+        self.ledger.accept(proposal, self.client_state() if self.client_state else None).result()
+        block = proposal.block
+        self.local.remember(Base(0, block.header.model_hash, weights, proposal.weights_blob))
+        log.info("genesis block %s (model %s)", block.hash[:16], block.header.model_hash[:16])
+        return block, metrics
+
+    def select(self, round: int, edges: Sequence[EdgeRef]) -> list[EdgeRef]:
+        """The round's trainers over the whole network, as the simulator picks them: every live edge node in data
+        share order, then fraction C of them with the run's seeded RNG."""
+        ordered = sorted(edges, key=share_order)
+        if not ordered:
+            raise RoundFailed(round, [("network", "no live edge node is registered with any super node")])
+        chosen = set(self.ctx.strategy.select(round, [e.node_id for e in ordered]))
+        return [e for e in ordered if e.node_id in chosen]
+
+    def all_edges(self, peers: Sequence[Peer]) -> list[EdgeRef]:
+        """Every live edge node: this super node's own and each peer's (an unreachable peer lists none)."""
+        listed, _ = ask_all(peers, lambda peer: peer.edges(), "list edge nodes")
+        return self.local.edges() + [e for edges in listed.values() for e in edges]
+
+    def evaluate(self, model: Base, edges: Sequence[EdgeRef] = ()) -> dict[str, float]:
+        """Global evaluation and, when the run is personalised, every given edge node's personalised accuracy."""
+        metrics = self.ctx.evaluate_global(model.weights)
+        if self.ctx.personalised:
+            directory = self.evaluators or self.local.directory
+            participants = [directory.connect(e, model) for e in sorted(edges, key=share_order)]
+            try:
+                personal = evaluate_personalised(participants, model.weights)
+            finally:
+                for p in participants:
+                    directory.release(p)
+            metrics.update({f"personal_accuracy_{k}": v for k, v in personal.items() if k != "count"})
+        return metrics
+
+    def run_round(self, round: int) -> RoundReport:
+        """One round; failures of edge nodes and of peers are in the report. Raises RoundFailed when no update
+        arrived and NoMajorityError when too few super nodes co-signed (no block then exists anywhere).
+
+        The report's timings say where its wall time went (seconds): select_s (listing and selecting edges),
+        partials_s (announce until every super node's partial arrived: the edges' training and transfers, the
+        super nodes' aggregation and the partials' transfer), combine_s, evaluate_s (global and personalised
+        evaluation), block_s (build and sign), cosign_s (peers verify and co-sign), store_s (the proposer's
+        durable write), commit_s (peers store), round_s (all), plus the slowest super node's own figures
+        (edge_train_max_s, edge_train_mean_s, transfer_max_s, sn_aggregate_s, sn_round_s).
+        """
+        started = time.perf_counter()
+        head = self.ledger.head
+        if head is None:
+            raise PreconditionError("the chain has no genesis block yet")
+        if round <= head.round:
+            raise PreconditionError(f"round {round} is stale: the head block closed round {head.round}")
+        base = self.local.base(head.height)
+        peers = list(self.peers())
+        edges = self.all_edges(peers)
+        selected = self.select(round, edges)
+        announcement = Announcement(round, base.height, base.model_hash, self.local.node_id,
+                                    tuple(e.node_id for e in selected), Plan.of(self.ctx.strategy))
+        timings = {"select_s": time.perf_counter() - started}
+        mark = time.perf_counter()
+        partials, failures = self._collect(announcement, base, peers)
+        timings["partials_s"] = time.perf_counter() - mark
+        for p in partials:
+            failures.extend(p.failures)
+        accounted = {r.record.trainer_id for p in partials for r in p.records} | {node_id for node_id, _ in failures}
+        failures += [(node_id, "selected, but no live super node had it to train (it left before the round)")
+                     for node_id in announcement.participants if node_id not in accounted]
+        if not any(p.samples > 0 for p in partials):
+            raise RoundFailed(round, failures)
+        timings.update(max(partials, key=lambda p: p.timings.get("sn_round_s", 0.0)).timings)
+        mark = time.perf_counter()
+        new = {**base.weights, **combine(partials, announcement)}
+        position = {node_id: i for i, node_id in enumerate(announcement.participants)}
+        records = sorted((r for p in partials for r in p.records), key=lambda r: position[r.record.trainer_id])
+        timings["combine_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        model = Base(head.height + 1, None, new)
+        metrics = combine_metrics(partials, announcement)
+        metrics.update(self.evaluate(model, edges))
+        timings["evaluate_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        proposal = self.ledger.build(round=round, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
+                                     weights=new, records=records, metrics=integer_metrics(metrics),
+                                     timestamp_ms=self.ctx.timestamp(round), weights_blob=model.blob)
+        timings["block_s"] = time.perf_counter() - mark
+        final, refused = finalize(self.ledger, peers, proposal, wait_durable=self.wait_durable,
+                                  client_state=self.client_state() if self.client_state else None, timings=timings)
+        failures += refused
+        block = final.block
+        self.local.remember(Base(block.header.height, block.header.model_hash, new, proposal.weights_blob))
+        timings["round_s"] = time.perf_counter() - started
+        log.info("round %d: block %d %s, %d updates, %d failures, %.2f s", round, block.header.height,
+                 block.hash[:12], len(records), len(failures), timings["round_s"])
+        return RoundReport(round, block, metrics, len(records), failures, timings)
+
+    def _collect(self, announcement: Announcement, base: Base,
+                 peers: Sequence[Peer]) -> tuple[list[Partial], list[tuple[str, str]]]:
+        """Every super node's partial, this one's included, each checked; a failing super node is a failure."""
+        everyone: list[Peer] = [self.local, *peers]
+
+        def partial_of(peer: Peer) -> Partial:
+            partial = peer.train(announcement, base)
+            check_partial(partial, announcement, base)
+            return partial
+
+        answers, failures = ask_all(everyone, partial_of, "train")
+        return [answers[node_id] for node_id in sorted(answers)], failures

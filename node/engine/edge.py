@@ -1,0 +1,141 @@
+"""An edge node's side of a round: train on its share, keep its personal layers, sign the update. The gRPC edge
+service and the simulator's in-process edge nodes both run exactly this."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from chain.keys import NodeKey
+from config import ConfigError
+from chain.tensors import decode_weights, encode_weights, model_hash
+from fl.local import InProcessParticipant
+from fl.participant import EvalRes, FitIns, FitRes, Participant
+from node.engine.errors import BadRequestError
+from node.engine.receipts import sign_update
+from node.engine.types import Base, EdgeRef, Weights
+
+log = logging.getLogger(__name__)
+
+PERSONAL_FILE = "personal.weights"
+
+
+class EdgeTrainer:
+    """One edge node's training: a participant (its data share and model), its key, and where it keeps its
+    personal layers (FedPer) across restarts."""
+
+    def __init__(self, participant: InProcessParticipant, key: NodeKey, personal_file: Path | None = None,
+                 share: int | None = None):
+        self.participant = participant
+        self.key = key
+        self.personal_file = personal_file
+        self.share = share
+        self.node_id = key.node_id
+
+    @property
+    def samples(self) -> int:
+        return self.participant.num_train_samples
+
+    def fit(self, weights: Weights, ins: FitIns, base_hash: str) -> tuple[FitRes, str, float]:
+        """Train from ``weights`` (whose hash the caller computed once); return the result with its signed record
+        as receipt, the update's hash, and the seconds spent training. BadRequestError when the weights do not
+        fit this edge node's model."""
+        started = time.perf_counter()
+        try:
+            res = self.participant.fit(weights, ins)
+        except ValueError as exc:
+            raise BadRequestError(f"cannot train on these weights: {exc}") from exc
+        train_s = time.perf_counter() - started
+        if self.personal_file is not None:
+            save_personal(self.participant, self.personal_file)
+        update_hash = model_hash(res.weights)
+        record = sign_update(self.key, ins.round, base_hash, update_hash, res)
+        log.info("round %d: trained on %d samples (%s)", ins.round, res.samples,
+                 ", ".join(f"{k}={v:.4f}" for k, v in res.metrics.items()))
+        return FitRes(res.weights, res.samples, res.metrics, receipt=record), update_hash, train_s
+
+    def evaluate(self, weights: Weights) -> EvalRes:
+        try:
+            return self.participant.evaluate(weights)
+        except ValueError as exc:
+            raise BadRequestError(f"cannot evaluate these weights: {exc}") from exc
+
+
+class _InProcessEdge:
+    """An EdgeTrainer as a round's participant, in the same process: no transfer, so the base is not re-hashed."""
+
+    def __init__(self, trainer: EdgeTrainer, base: Base, on_fit: Callable[[], None] | None):
+        self.trainer = trainer
+        self.base = base
+        self.on_fit = on_fit
+        self.participant_id = trainer.node_id
+
+    def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
+        res, _, _ = self.trainer.fit(weights, ins, self.base.model_hash)
+        if self.on_fit is not None:
+            self.on_fit()
+        return res
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
+        return self.trainer.evaluate(weights)
+
+
+class LocalEdges:
+    """A super node's edge nodes living in this process (the simulator): they share one model, so they fit in turn."""
+
+    concurrency = 1
+
+    def __init__(self, trainers: list[EdgeTrainer], on_fit: Callable[[], None] | None = None):
+        self.trainers = {t.node_id: t for t in trainers}
+        self.on_fit = on_fit   # called after each fit (the simulator's progress bar)
+        self._refs = [EdgeRef(t.node_id, "", t.share) for t in trainers]
+
+    def edges(self) -> list[EdgeRef]:
+        return list(self._refs)
+
+    def connect(self, edge: EdgeRef, base: Base) -> Participant:
+        return _InProcessEdge(self.trainers[edge.node_id], base, self.on_fit)
+
+    def release(self, participant: Participant) -> None:
+        pass
+
+
+def save_personal(participant: InProcessParticipant, path: Path) -> None:
+    """Write the participant's personal layers (encode_weights format, never pickled) atomically."""
+    state = participant.personal_state()
+    if state is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(encode_weights(state))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def restore_personal(participant: InProcessParticipant, path: Path) -> bool:
+    """Load personal layers saved by a previous run of this edge node; False when there are none to load.
+
+    A file that does not decode, or whose tensors do not fit the configured model, raises ConfigError naming it:
+    the edge node refuses to start rather than silently train from fresh personal layers.
+    """
+    if not participant.personal_keys or not path.exists():
+        return False
+    try:
+        state = decode_weights(path.read_bytes())
+        current = participant.personal_state() or {}
+        wrong = [k for k in state if k in current and (state[k].shape != current[k].shape
+                                                      or state[k].dtype != current[k].dtype)]
+        if wrong:
+            raise ValueError(f"tensor {wrong[0]!r} has another shape or dtype than the model's")
+        participant.set_personal_state(state)
+    except ValueError as exc:
+        raise ConfigError(f"personal layers in {path} do not fit this edge node's model ({exc}); "
+                         "delete the file to start from fresh personal layers") from exc
+    log.info("restored personal layers from %s", path)
+    return True
+

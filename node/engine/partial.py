@@ -1,0 +1,128 @@
+"""A super node's share of a round (train its selected edge nodes into a partial aggregate), the proposer's checks
+of a partial, and how partials are combined: in-process and over gRPC alike.
+
+Determinism: every super node folds its edges in the order of the announcement's participant list (data-share
+order), and the proposer combines the partials in the order of each partial's first participant in that list.
+With the same assignment of edge nodes to super nodes, the simulator and the network give the same bits.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+from fl.participant import FitRes, Participant
+from fl.server import RoundFailed, run_round
+from node.engine.errors import BadRequestError
+from node.engine.receipts import check_receipt
+from node.engine.types import Announcement, Base, EdgeDirectory, Partial, Weights
+
+log = logging.getLogger(__name__)
+
+
+def train_partial(sn_id: str, announcement: Announcement, base: Base, directory: EdgeDirectory) -> Partial:
+    """Run the round over this super node's edge nodes that the proposer selected; failures are data. Each edge's
+    FitIns comes from the announced plan and its position in the selection, as the simulator's client gets it."""
+    round = announcement.round
+    position = {node_id: i for i, node_id in enumerate(announcement.participants)}
+    edges = sorted((e for e in directory.edges() if e.node_id in position), key=lambda e: position[e.node_id])
+    if not edges:
+        return Partial(sn_id, round, 0, None)
+    strategy = announcement.plan.strategy()
+    participants = [directory.connect(e, base) for e in edges]
+    results: list[FitRes] = []
+
+    def check(participant: Participant, res: FitRes) -> None:
+        check_receipt(res, round, base.model_hash, participant.participant_id)
+
+    def keep(_edge_id: str, res: FitRes) -> None:
+        results.append(res)
+
+    started = time.perf_counter()
+    try:
+        outcome = run_round(round, participants, base.weights,
+                            lambda _i, p: strategy.fit_ins(round, position[p.participant_id]),
+                            strategy.aggregator(), check=check, on_result=keep,
+                            max_workers=directory.concurrency or len(participants))
+    except RoundFailed as exc:
+        return Partial(sn_id, round, 0, None, failures=exc.failures)
+    finally:
+        for p in participants:
+            directory.release(p)
+    records = [r.receipt for r in results]
+    return Partial(sn_id, round, outcome.total_samples, outcome.weights, records, outcome.failures,  # type: ignore[arg-type]
+                   weighted_metrics([(r.metrics, r.samples) for r in results], prefix="train_"),
+                   edge_timings(participants, time.perf_counter() - started))
+
+
+def edge_timings(participants: Sequence[Participant], sn_round_s: float) -> dict[str, float]:
+    """Where one super node's share of the round went: the edges' training, the transfers around it, the SN's own
+    tail. Remote participants report (call seconds, training seconds) as ``last_fit``; in-process ones do not."""
+    calls = [fit for p in participants if (fit := getattr(p, "last_fit", None)) is not None]
+    if not calls:
+        return {"sn_round_s": sn_round_s}
+    train = [t for _, t in calls]
+    return {"sn_round_s": sn_round_s,
+            "edge_train_max_s": max(train), "edge_train_mean_s": sum(train) / len(train),
+            # Fit call time minus training: both weight transfers, (de)serialisation, hashing and signing.
+            "transfer_max_s": max(call - t for call, t in calls),
+            # After the slowest Fit call returned: folding the last update in and finishing the aggregate.
+            "sn_aggregate_s": max(0.0, sn_round_s - max(call for call, _ in calls))}
+
+
+def weighted_metrics(items: Sequence[tuple[Mapping[str, float], int]], prefix: str = "") -> dict[str, float]:
+    """Sample-weighted mean of each metric every item carries."""
+    total = sum(n for _, n in items) or 1
+    out: dict[str, float] = {}
+    for name in sorted({k for m, _ in items for k in m}):
+        if all(name in m for m, _ in items):
+            out[f"{prefix}{name}"] = sum(m[name] * n for m, n in items) / total
+    return out
+
+
+def check_partial(partial: Partial, announcement: Announcement, base: Base) -> None:
+    """The proposer's checks of a super node's partial (BadRequestError naming up to three problems): for this
+    round, records only of selected edge nodes, each once, for this round and base, summing to its samples, and
+    weights exactly when samples > 0, each tensor shaped as the base's."""
+    selected = set(announcement.participants)
+    records = [r.record for r in partial.records]
+    problems = []
+    if partial.round != announcement.round:
+        problems.append(f"partial is for round {partial.round}")
+    problems += [f"record of {r.trainer_id} is for round {r.round} / another base model" for r in records
+                 if r.round != announcement.round or r.base_model_hash != base.model_hash]
+    problems += [f"{r.trainer_id} was not selected for this round" for r in records if r.trainer_id not in selected]
+    if len({r.trainer_id for r in records}) != len(records):
+        problems.append("an edge node appears twice")
+    if sum(r.samples for r in records) != partial.samples:
+        problems.append(f"records sum to {sum(r.samples for r in records)} samples, the partial says {partial.samples}")
+    if (partial.weights is None) != (partial.samples == 0):
+        problems.append("weights must come exactly when samples > 0")
+    for name, array in (partial.weights or {}).items():
+        ref = base.weights.get(name)
+        if ref is None or array.shape != ref.shape or array.dtype != ref.dtype:
+            problems.append(f"tensor {name!r} does not match the global model")
+    if problems:
+        raise BadRequestError(f"partial of {partial.sn_id} refused: {'; '.join(problems[:3])}")
+
+
+def combine_order(partials: Sequence[Partial], announcement: Announcement) -> list[Partial]:
+    """The partials that carry weights, by the selection position of their first edge node."""
+    position = {node_id: i for i, node_id in enumerate(announcement.participants)}
+    usable = [p for p in partials if p.samples > 0 and p.weights]
+    return sorted(usable, key=lambda p: min(position[r.record.trainer_id] for r in p.records))
+
+
+def combine(partials: Sequence[Partial], announcement: Announcement) -> Weights:
+    """The announced strategy's aggregate over the partials, in ``combine_order``."""
+    ordered = combine_order(partials, announcement)
+    return announcement.plan.strategy().combine([(p.weights, p.samples) for p in ordered])  # type: ignore[misc]
+
+
+def combine_metrics(partials: Sequence[Partial], announcement: Announcement) -> dict[str, float]:
+    """The partials' training metrics weighted by their samples, in ``combine_order``; a single partial's as is,
+    so one super node reports exactly the flat figures."""
+    ordered = combine_order(partials, announcement)
+    if len(ordered) == 1:
+        return dict(ordered[0].metrics)
+    return weighted_metrics([(p.metrics, p.samples) for p in ordered])

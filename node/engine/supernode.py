@@ -1,0 +1,149 @@
+"""A super node's part in rounds and consensus, independent of how it is reached: it trains its edge nodes' share
+of an announced round, verifies and co-signs proposed blocks, stores committed ones, and serves its chain. It is
+the in-process Peer; the gRPC service is a thin wrapper around it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+from chain.block import Cosignature
+from chain.verify import VerifiedBlock
+from node.engine.errors import BadRequestError, NotFoundError, PreconditionError
+from node.engine.partial import train_partial
+from node.engine.sync import store, sync_from, verify
+from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeDirectory, EdgeRef, Partial, Peer
+from node.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+class SuperNodeCore:
+    """One super node's round and block logic over its ledger and its edge nodes."""
+
+    def __init__(self, ledger: Ledger, directory: EdgeDirectory,
+                 upstream: Callable[[], Peer | None] = lambda: None):
+        self.ledger = ledger
+        self.key = ledger.key
+        self.node_id = ledger.key.node_id
+        self.directory = directory
+        self.upstream = upstream              # the proposer to catch up from when an announcement is ahead of us
+        self._round_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._pending: dict[str, VerifiedBlock] = {}   # block hash -> verified and co-signed, not yet committed
+        self._base: Base | None = None                  # the last model a round started from (or a block stored)
+
+    # ---- rounds ---------------------------------------------------------------------------------------------
+
+    def edges(self) -> list[EdgeRef]:
+        return self.directory.edges()
+
+    def base(self, height: int | None = None) -> Base:
+        """The model at ``height`` (default: the head), decoded once and kept until the next one is asked for."""
+        head = self.ledger.head
+        if head is None:
+            raise PreconditionError("the chain has no genesis block yet")
+        height = head.height if height is None else height
+        with self._lock:
+            cached = self._base
+        if cached is not None and cached.height == height:
+            return cached
+        self.ledger.flush()
+        block, _ = self.ledger.get_block(height)
+        base = Base(height, block.header.model_hash, self.ledger.load_weights(height))
+        with self._lock:
+            self._base = base
+        return base
+
+    def remember(self, base: Base) -> None:
+        """Keep a model this node already holds in memory (the proposer's new model) for the next round."""
+        with self._lock:
+            self._base = base
+
+    def train(self, announcement: Announcement, base: Base | None = None) -> Partial:
+        """Train this node's selected edge nodes for the announced round (``base``: the caller's copy of the base,
+        used as is when it matches; a peer loads its own). Refuses a stale round or one it is already training."""
+        round = announcement.round
+        if not self._round_lock.acquire(blocking=False):
+            raise PreconditionError(f"round {round} refused: this super node is already training a round")
+        try:
+            head = self.ledger.head
+            if head is not None and round <= head.round:
+                raise PreconditionError(f"round {round} is stale: this node's head closed round {head.round}")
+            upstream = self.upstream()
+            if (head is None or head.height < announcement.base_height) and upstream is not None:
+                sync_from(self.ledger, upstream)   # behind the proposer: catch up first
+                head = self.ledger.head
+            if head is None or head.height != announcement.base_height \
+                    or head.model_hash != announcement.base_model_hash:
+                raise PreconditionError(f"round {round} starts from block {announcement.base_height} (model "
+                                        f"{announcement.base_model_hash[:16]}), which is not this node's head")
+            if base is None or base.height != head.height or base.model_hash != head.model_hash:
+                base = self.base(head.height)
+            partial = train_partial(self.node_id, announcement, base, self.directory)
+            log.info("round %d: partial of %d samples from %d edge(s), %d failure(s)", round, partial.samples,
+                     len(partial.records), len(partial.failures))
+            return partial
+        finally:
+            self._round_lock.release()
+
+    # ---- blocks ---------------------------------------------------------------------------------------------
+
+    def cosign(self, data: BlockData) -> Cosignature:
+        """Verify a proposed block once, against this node's head and the chain's authority, and co-sign it; the
+        verified block waits for its commit."""
+        verified = verify(self.ledger, data)
+        height = verified.block.header.height
+        with self._lock:
+            self._pending = {h: b for h, b in self._pending.items() if b.block.header.height >= height}
+            self._pending[verified.block.hash] = verified
+        log.info("co-signing block %d (%s...)", height, verified.block.hash[:16])
+        return Cosignature.create(height, verified.block.hash, self.key)
+
+    def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
+        """Store a block this node co-signed, once the proposer shows a majority of co-signatures; returns when it
+        is durable here."""
+        with self._lock:
+            verified = self._pending.get(block_hash)
+        if verified is None or verified.block.header.height != height:
+            raise NotFoundError(f"no proposed block {block_hash} at height {height} is pending here; propose it first")
+        check_cosignatures(verified, cosignatures)
+        final = dataclasses.replace(verified, cosignatures=tuple(cosignatures))
+        store(self.ledger, final)
+        with self._lock:
+            # Drop this block and any other proposal for the same height: only one can ever extend the chain.
+            self._pending = {h: b for h, b in self._pending.items() if b.block.header.height > height}
+
+    def model_blob(self, height: int) -> tuple[str, bytes]:
+        """(model hash, encoded weights) of the block at ``height``, as stored."""
+        head = self.ledger.head
+        if head is None or height > head.height:
+            raise NotFoundError(f"no block at height {height}")
+        self.ledger.flush()
+        block, _ = self.ledger.get_block(height)
+        return block.header.model_hash, self.ledger.load_weights_blob(height)
+
+    def head(self) -> ChainHead | None:
+        head = self.ledger.head
+        return None if head is None else ChainHead(head.height, head.hash, head.model_hash)
+
+    def blocks(self, start: int, end: int) -> Iterator[BlockData]:
+        head = self.ledger.head
+        if head is None or start > head.height:
+            raise NotFoundError(f"no blocks from height {start}; the head is {head.height if head else 'empty'}")
+        for verified in self.ledger.blocks(start, min(end, head.height)):
+            yield BlockData.of(verified)
+
+
+def check_cosignatures(verified: VerifiedBlock, cosignatures: Sequence[Cosignature]) -> None:
+    """A commit needs valid co-signatures for this block, each signer once, the proposer's among them."""
+    header, block_hash = verified.block.header, verified.block.hash
+    bad = [c.signer_key[:16] for c in cosignatures if not c.valid_for(header.height, block_hash)]
+    if bad or not cosignatures:
+        raise BadRequestError(f"commit needs valid co-signatures; bad or missing: {bad or 'none given'}")
+    if len({c.signer_key for c in cosignatures}) != len(cosignatures):
+        raise BadRequestError("commit lists a co-signer twice")
+    # Only the proposer declares a block final: its own co-signature must be among them.
+    if header.proposer_key not in {c.signer_key for c in cosignatures}:
+        raise BadRequestError("commit lacks the proposer's co-signature; only the proposer finalises a block")

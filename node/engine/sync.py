@@ -1,0 +1,55 @@
+"""Receiving blocks from another super node: verify once, store durably, and catch up with a peer's chain."""
+from __future__ import annotations
+
+import logging
+
+from chain.verify import VerificationError, VerifiedBlock
+from node.engine.errors import BadRequestError, PreconditionError, UnavailableError
+from node.engine.types import BlockData, Peer
+from node.ledger import Ledger
+from storage.store import NotExtendingHead, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def verify(ledger: Ledger, data: BlockData) -> VerifiedBlock:
+    """Verify a received block against the ledger's head and the chain's authority (PreconditionError when it
+    does not extend the head, BadRequestError when anything in it is wrong)."""
+    try:
+        return ledger.verify(data.block, list(data.records), data.weights_blob, list(data.cosignatures))
+    except NotExtendingHead as exc:
+        raise PreconditionError(str(exc)) from exc
+    except VerificationError as exc:
+        raise BadRequestError(f"block refused: {exc}") from exc
+
+
+def store(ledger: Ledger, verified: VerifiedBlock, client_state: dict[str, bytes] | None = None) -> None:
+    """Add a verified block and wait until it is durable (PreconditionError when the head moved meanwhile,
+    UnavailableError when the store refused the write)."""
+    try:
+        durable = ledger.accept(verified, client_state)
+    except NotExtendingHead as exc:
+        raise PreconditionError(str(exc)) from exc
+    try:
+        durable.result()
+    except StoreError as exc:
+        raise UnavailableError(f"block {verified.block.header.height} could not be stored here: {exc}") from exc
+
+
+def sync_from(ledger: Ledger, peer: Peer) -> int:
+    """Fetch, verify and store every block the peer has beyond our head; return how many were added.
+
+    Raises the peer's NetError (or OSError) when it fails, BadRequestError when it sends a bad chain.
+    """
+    remote = peer.head()
+    head = ledger.head
+    start = head.height + 1 if head else 0
+    if remote is None or remote.height < start:
+        return 0
+    added = 0
+    for data in peer.blocks(start, remote.height):
+        store(ledger, verify(ledger, data))
+        added += 1
+    log.info("synced %d block(s) from %s; head now %d", added, peer.node_id,
+             ledger.head.height if ledger.head else -1)
+    return added

@@ -1,0 +1,196 @@
+"""The round engine's vocabulary: edge references, the base model, announcements, partials, reports, and the two
+seams (an edge directory for participants, and Peer for super nodes), each with an in-process and a gRPC side."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from chain.block import Cosignature, SignedBlock, SignedRecord
+from chain.tensors import encode_weights, model_hash
+from chain.verify import VerifiedBlock
+from fl.participant import Participant
+from fl.strategy import FedAvg, make_strategy
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class EdgeRef:
+    """An edge node as the network knows it: its id, where it serves, and its data share."""
+
+    node_id: str
+    address: str                  # host:port; "" for an in-process edge node
+    share: int | None = None      # its data-share index (client index); None when it did not say
+
+
+def share_order(edge: EdgeRef) -> tuple[bool, int, str]:
+    """The order of edge nodes everywhere in a round: by data share, then (for edges that did not say) by id."""
+    return edge.share is None, edge.share or 0, edge.node_id
+
+
+class Base:
+    """A model a round sends out: the weights at ``height`` (the round's base, or the new model for evaluation),
+    with their hash and encoding, each computed at most once, when first asked for, and shared by every transfer."""
+
+    def __init__(self, height: int, model_hash: str | None, weights: Weights, blob: bytes | None = None):
+        self.height = height
+        self.weights = weights
+        self._hash = model_hash
+        self._blob = blob
+        self._lock = threading.Lock()
+
+    @property
+    def model_hash(self) -> str:
+        with self._lock:
+            if self._hash is None:
+                self._hash = model_hash(self.weights)
+            return self._hash
+
+    @property
+    def blob(self) -> bytes:
+        with self._lock:
+            if self._blob is None:
+                self._blob = encode_weights(self.weights)
+            return self._blob
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The round's training instructions, chosen by the proposer and carried by the announcement: every super node
+    trains with these, never with its own configuration's values."""
+
+    algorithm: str
+    lr: float
+    local_epochs: int
+    batch_size: int
+    momentum: float
+    seed: int
+
+    @classmethod
+    def of(cls, strategy: FedAvg) -> Plan:
+        return cls(strategy.name, strategy.lr, strategy.local_epochs, strategy.batch_size, strategy.momentum,
+                   strategy.seed)
+
+    def strategy(self) -> FedAvg:
+        """The strategy that gives each selected edge its FitIns and aggregates the results."""
+        return make_strategy(self.algorithm, lr=self.lr, local_epochs=self.local_epochs,
+                             batch_size=self.batch_size, momentum=self.momentum, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """The proposer's call for a round."""
+
+    round: int
+    base_height: int
+    base_model_hash: str
+    proposer_id: str
+    participants: tuple[str, ...]   # the selected edge nodes of the whole network, in share order
+    plan: Plan
+
+
+@dataclass
+class Partial:
+    """One super node's share of a round: its strategy's aggregate of its edges' models and their signed records."""
+
+    sn_id: str
+    round: int
+    samples: int                                  # total samples behind ``weights`` (0: no edge produced one)
+    weights: Weights | None
+    records: list[SignedRecord] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)   # sample-weighted train_loss / train_accuracy
+    timings: dict[str, float] = field(default_factory=dict)   # seconds, see partial.edge_timings
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """A finished round: its final block, metrics, how many updates it used, and what failed (data, not errors)."""
+
+    round: int
+    block: SignedBlock
+    metrics: dict[str, float]
+    participants: int
+    failures: list[tuple[str, str]]
+    timings: dict[str, float] = field(default_factory=dict)   # seconds; see Coordinator.run_round
+
+
+@dataclass(frozen=True)
+class Note:
+    """A line about training that is not a finished round: paused, nothing to do, a failed round."""
+
+    round: int
+    message: str
+
+
+@dataclass(frozen=True)
+class BlockData:
+    """A block with everything it carries, as it travels between super nodes (not verified by the receiver yet)."""
+
+    block: SignedBlock
+    records: tuple[SignedRecord, ...]
+    weights_blob: bytes
+    cosignatures: tuple[Cosignature, ...] = ()
+
+    @classmethod
+    def of(cls, verified: VerifiedBlock) -> BlockData:
+        return cls(verified.block, tuple(verified.records), verified.weights_blob, tuple(verified.cosignatures))
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """A super node's head as a peer reports it."""
+
+    height: int
+    hash: str
+    model_hash: str
+
+
+class EdgeDirectory(Protocol):
+    """One super node's edge nodes, and how to reach one as a participant of a round."""
+
+    concurrency: int   # how many edge nodes may fit at once (gRPC: all; in-process: one, they share a model)
+
+    def edges(self) -> list[EdgeRef]:
+        """The live edge nodes."""
+        ...
+
+    def connect(self, edge: EdgeRef, base: Base) -> Participant:
+        """A participant for ``edge`` that trains from (or evaluates) ``base``. Close it with ``release``."""
+        ...
+
+    def release(self, participant: Participant) -> None: ...
+
+
+class Peer(Protocol):
+    """A super node as the proposer and syncing nodes see it, in-process or over gRPC. Each call raises a NetError
+    subclass (or OSError) when the peer refuses or cannot be reached."""
+
+    node_id: str
+
+    def edges(self) -> list[EdgeRef]:
+        """Its live edge nodes."""
+        ...
+
+    def train(self, announcement: Announcement, base: Base) -> Partial:
+        """Train its selected edge nodes from the announced base and return its partial aggregate (``base`` is the
+        proposer's copy, used to check the partial; the peer trains from its own ledger)."""
+        ...
+
+    def cosign(self, data: BlockData) -> Cosignature:
+        """Verify the proposed block against its head and co-sign it; the block waits there for commit."""
+        ...
+
+    def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
+        """Store the co-signed block durably; returns once it is durable there."""
+        ...
+
+    def head(self) -> ChainHead | None: ...
+
+    def blocks(self, start: int, end: int) -> Iterator[BlockData]:
+        """Blocks ``start``..``end`` inclusive, with records, co-signatures and models."""
+        ...

@@ -1,0 +1,95 @@
+"""What the operator sees of a super node (status, members, evaluation, blocks), and what the console asks of it:
+plain values that the wire layer converts, so neither side handles protobuf messages."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from chain.block import SignedBlock, SignedRecord
+from chain.verify import VerifyReport
+from node.engine.jobs import Progress, TrainJob
+from node.engine.types import ChainHead
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """One node as getSN() lists it."""
+
+    node_id: str
+    public_key: str
+    address: str
+    role: str                    # "entry", "supernode" or "edge"
+    alive: bool
+    silent_s: float = 0.0        # seconds since it was last heard from
+    parent_id: str = ""          # edge: its super node
+    load: int = 0                # super node: its live edge nodes
+    capacity: int = 0            # super node: most edge nodes it takes (0: no limit)
+    samples: int = 0             # edge: its training samples
+    share: int | None = None     # edge: its data-share index
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    role: str
+    head: ChainHead | None
+    edges: int
+    supernodes: int
+    training: bool
+    paused: bool
+    round: int                   # the round being trained, else the head block's round
+
+
+@dataclass(frozen=True)
+class EdgeEval:
+    node_id: str
+    loss: float = 0.0
+    accuracy: float = 0.0
+    samples: int = 0
+    error: str = ""              # set when the edge node could not be evaluated
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """The head model on the global test set (samples 0: none, e.g. FedPer) and on each edge node's split."""
+
+    loss: float = 0.0
+    accuracy: float = 0.0
+    samples: int = 0
+    edges: list[EdgeEval] = field(default_factory=list)
+    edge_accuracy_mean: float = 0.0
+    edge_accuracy_min: float = 0.0
+    edge_accuracy_max: float = 0.0
+
+
+@dataclass(frozen=True)
+class BlockView:
+    block: SignedBlock
+    records: list[SignedRecord]
+
+
+class AdminBackend(Protocol):
+    """What the Admin service asks of a super node."""
+
+    def status(self) -> NodeStatus: ...
+
+    def start_training(self, rounds: int) -> tuple[TrainJob, bool]:
+        """(job, True) when it started, (the running job, False) when one was running; PreconditionError when
+        this node does not train."""
+        ...
+
+    def follow(self, job: TrainJob, alive: Callable[[], bool]) -> Iterator[Progress]: ...
+
+    def pause(self) -> None: ...
+
+    def save_model(self, path: str | None) -> tuple[Path, str]: ...
+
+    def evaluate(self) -> EvalReport: ...
+
+    def network_view(self) -> list[MemberView]: ...
+
+    def block(self, height: int) -> BlockView: ...
+
+    def verify_chain(self) -> VerifyReport: ...

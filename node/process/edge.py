@@ -1,0 +1,96 @@
+"""The edge node process: its EdgeTrainer behind the EdgeNode service, joining the super node the entry assigns and
+heartbeating there (asking again when it is forgotten or its super node is gone); and a host for several."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from node.engine.edge import EdgeTrainer
+from node.engine.errors import NetError, NotFoundError, UnavailableError
+from node.engine.views import MemberView
+from node.rpc import transport
+from node.rpc.clients import RegistryClient
+from node.rpc.services import EdgeServicer
+from proto import fledger_pb2_grpc
+from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
+
+log = logging.getLogger(__name__)
+
+SERVICE = "fledger.v1.EdgeNode"
+
+
+class EdgeNode:
+    """An edge node: serves EdgeNode, joins the super node the entry assigns and keeps heartbeating."""
+
+    def __init__(self, trainer: EdgeTrainer, listen: str, entry: str, advertise_host: str = "127.0.0.1",
+                 advertise_port: int | None = None, heartbeat_interval: float = 2.0):
+        self.trainer = trainer
+        self.key = trainer.key
+        self.entry = entry
+        self.heartbeat_interval = heartbeat_interval
+        self.server, self.port = transport.create_server(listen, services=[SERVICE])
+        self.address = f"{advertise_host}:{advertise_port or self.port}"
+        self.info = MemberView(self.key.node_id, self.key.public_hex, self.address, "edge", True,
+                               samples=trainer.samples, share=trainer.share)
+        info_msg = NodeInfoMsg(node_id=self.key.node_id, public_key=self.key.public_hex, address=self.address,
+                               samples=trainer.samples, partition_index=trainer.share)
+        fledger_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(trainer, info_msg), self.server)
+        self.registry = RegistryClient(entry)
+        self.supernode: str | None = None   # address of the super node this edge node is registered with
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._membership_loop, name="en-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.server.start()
+        self._thread.start()
+        log.info("edge node %s serving on %s; entry %s", self.key.node_id, self.address, self.entry)
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.server.stop(grace).wait()
+
+    def join(self) -> str:
+        """Ask the entry for a super node, then register there; return its address (raises NetError)."""
+        assigned = self.registry.assign(self.info)
+        interval = self.registry.register_edge(assigned.address, self.info)
+        if interval > 0:
+            self.heartbeat_interval = interval
+        self.supernode = assigned.address
+        log.info("joined super node %s at %s", assigned.node_id, self.supernode)
+        return self.supernode
+
+    def _membership_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.supernode is None:
+                    self.join()
+                else:
+                    self.registry.edge_heartbeat(self.supernode, self.key.node_id)
+            except (NotFoundError, UnavailableError) as exc:
+                log.warning("membership: %s; asking the entry for a super node again", exc)
+                self.supernode = None   # forgotten or gone
+            except NetError as exc:
+                log.warning("membership: %s", exc)
+            self._stop.wait(self.heartbeat_interval)
+
+
+class EdgeHost:
+    """Several edge nodes in one process (``--hosted-edges``): each its own key, port and membership, all sharing
+    one dataset and one model in memory, so dozens fit on a small machine. Starts and stops them together."""
+
+    def __init__(self, nodes: list[EdgeNode]):
+        if not nodes:
+            raise ValueError("an edge host needs at least one edge node")
+        self.nodes = nodes
+        self.key = nodes[0].key            # the first node stands for the process (ready file, logs)
+        self.address = nodes[0].address
+        self.addresses = [n.address for n in nodes]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        for node in self.nodes:
+            node.stop(grace)

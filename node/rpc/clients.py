@@ -1,0 +1,393 @@
+"""gRPC clients that present the engine's seams: GrpcParticipant (an edge node), GrpcPeer (a super node), the
+edge directories of a super node, and the registry and admin clients. Every call has a deadline; gRPC failures
+become the engine's errors."""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from chain.block import Cosignature
+from fl.participant import EvalRes, FitIns, FitRes, Participant
+from node.engine.errors import (BadRequestError, NetError, NoCapacityError, NotFoundError, PreconditionError,
+                                TakenIdError, UnavailableError)
+from node.engine.jobs import Progress
+from node.engine.membership import Membership
+from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeRef, Partial
+from node.engine.views import BlockView, EvalReport, MemberView, NodeStatus
+from node.rpc import serde, transport
+from node.rpc.options import DEADLINES, Deadlines
+from proto import fledger_pb2_grpc
+from proto.fledger_pb2 import CommitRequest as CommitRequestMsg
+from proto.fledger_pb2 import Empty as EmptyMsg
+from proto.fledger_pb2 import FitRequest as FitRequestMsg
+from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
+from proto.fledger_pb2 import Height as HeightMsg
+from proto.fledger_pb2 import HeightRange as HeightRangeMsg
+from proto.fledger_pb2 import ListRequest as ListRequestMsg
+from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
+from proto.fledger_pb2 import SaveRequest as SaveRequestMsg
+from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
+from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Status code of a peer's answer -> the engine error it stands for (anything else: UnavailableError).
+ERROR_FOR: dict[grpc.StatusCode, type[NetError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: BadRequestError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: TakenIdError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: NoCapacityError,
+    grpc.StatusCode.FAILED_PRECONDITION: PreconditionError,
+}
+
+
+def as_net_error(exc: grpc.RpcError, who: str) -> NetError:
+    """A failed call as the engine error its status code stands for, its message naming the peer."""
+    code = exc.code() if hasattr(exc, "code") else None
+    kind = ERROR_FOR.get(code, UnavailableError) if code is not None else UnavailableError
+    error = kind(f"{who}: {transport.rpc_error_text(exc)}")
+    error.status = code.name if code is not None else "UNKNOWN"
+    error.details = exc.details() if hasattr(exc, "details") else str(exc)
+    return error
+
+
+def is_edge_node(address: str, timeout: float) -> bool:
+    """The address serves the EdgeNode service."""
+    try:
+        with transport.open_channel(address) as channel:
+            fledger_pb2_grpc.EdgeNodeStub(channel).Info(EmptyMsg(), timeout=timeout)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+class RemoteError(RuntimeError):
+    """A remote edge node failed or answered something unusable; the round records it as that edge's failure."""
+
+
+class GrpcParticipant:
+    """One edge node through gRPC. It sends the round's base (encoded once per round, shared by every edge) and
+    checks the returned update against the hash its record signs; FitRes.receipt is that checked record."""
+
+    def __init__(self, participant_id: str, address: str, base: Base, deadlines: Deadlines = DEADLINES):
+        self.participant_id = participant_id   # the edge's node id; its records must be signed by that id
+        self.address = address
+        self.base = base
+        self.deadlines = deadlines
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self.last_fit: tuple[float, float] | None = None   # (Fit call seconds, of which the edge trained), last fit
+
+    @property
+    def stub(self) -> fledger_pb2_grpc.EdgeNodeStub:
+        with self._lock:
+            if self._channel is None:
+                self._channel = transport.open_channel(self.address)
+            return fledger_pb2_grpc.EdgeNodeStub(self._channel)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+
+    def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
+        """Train the edge from this round's base (``weights`` must be the base's weights)."""
+        base = self.base
+        if weights.keys() != base.weights.keys():
+            raise ValueError("a remote edge node trains only from the round's base model it was connected with")
+
+        def requests() -> Iterator[FitRequestMsg]:
+            yield FitRequestMsg(ins=serde.fit_ins_to_msg(ins))
+            for chunk in transport.blob_chunks(base.blob, base.model_hash):
+                yield FitRequestMsg(weights=chunk)
+
+        started = time.perf_counter()
+        try:
+            replies = self.stub.Fit(requests(), timeout=self.deadlines.fit)
+            first = next(replies, None)
+            if first is None or first.WhichOneof("part") != "summary":
+                raise RemoteError(f"{self.participant_id}: Fit reply did not start with a summary")
+            summary = first.summary
+            record = serde.record_from_msg(summary.record)
+            metrics = serde.metrics_from_msg(summary.metrics)
+            got, update_hash = transport.receive_weights(r.weights for r in replies if r.WhichOneof("part") == "weights")
+        except grpc.RpcError as exc:
+            raise RemoteError(f"{self.participant_id} at {self.address}: {transport.rpc_error_text(exc)}") from exc
+        except BadRequestError as exc:
+            raise RemoteError(f"{self.participant_id} sent a bad answer: {exc}") from exc
+        if not hmac.compare_digest(record.record.update_hash, update_hash):
+            raise RemoteError(f"{self.participant_id}: update record rejected: its update_hash is not the hash of "
+                              "the weights received")
+        self.last_fit = (time.perf_counter() - started, max(0.0, summary.train_s))
+        return FitRes(weights=got, samples=int(summary.samples), metrics=metrics, receipt=record)
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
+        """Evaluate the model it was connected with (``weights`` must be that model's)."""
+        if weights.keys() != self.base.weights.keys():
+            raise ValueError("a remote edge node evaluates only the model it was connected with")
+        chunks = transport.blob_chunks(self.base.blob, self.base.model_hash)
+        try:
+            reply = self.stub.Evaluate(chunks, timeout=self.deadlines.evaluate)
+        except grpc.RpcError as exc:
+            raise RemoteError(f"{self.participant_id} at {self.address}: {transport.rpc_error_text(exc)}") from exc
+        return serde.eval_from_msg(reply)
+
+
+class RemoteEdges:
+    """A super node's edge nodes as its membership table lists them, reached over gRPC."""
+
+    concurrency = 0   # all at once: each trains in its own process
+
+    def __init__(self, table: Membership):
+        self.table = table
+
+    def edges(self) -> list[EdgeRef]:
+        return [EdgeRef(m.node_id, m.address, m.share) for m in self.table.members()]
+
+    def connect(self, edge: EdgeRef, base: Base) -> Participant:
+        return GrpcParticipant(edge.node_id, edge.address, base)
+
+    def release(self, participant: Participant) -> None:
+        if isinstance(participant, GrpcParticipant):
+            participant.close()
+
+
+class AnyEdges(RemoteEdges):
+    """Any edge node of the network by its address (the proposer's personalised evaluation)."""
+
+    def __init__(self) -> None:
+        super().__init__(Membership(kind="edge node"))
+
+
+class GrpcPeer:
+    """Another super node through its SuperNode service: the engine's Peer."""
+
+    def __init__(self, node_id: str, address: str, deadlines: Deadlines = DEADLINES):
+        self.node_id = node_id
+        self.address = address
+        self.deadlines = deadlines
+
+    def _call(self, fn: Callable[[fledger_pb2_grpc.SuperNodeStub], object]) -> object:
+        try:
+            with transport.open_channel(self.address) as channel:
+                return fn(fledger_pb2_grpc.SuperNodeStub(channel))
+        except grpc.RpcError as exc:
+            raise as_net_error(exc, f"super node {self.node_id[:12]} at {self.address}") from exc
+
+    def edges(self) -> list[EdgeRef]:
+        listed = self._call(lambda stub: stub.ListEdges(ListRequestMsg(), timeout=self.deadlines.query))
+        return [serde.edge_ref_from_msg(m) for m in listed.members  # type: ignore[attr-defined]
+                if m.alive and m.parent_id == self.node_id]
+
+    def members(self, include_dead: bool) -> list[MemberView]:
+        listed = self._call(lambda stub: stub.ListEdges(ListRequestMsg(include_dead=include_dead),
+                                                        timeout=self.deadlines.query))
+        return [serde.view_from_msg(m) for m in listed.members]  # type: ignore[attr-defined]
+
+    def train(self, announcement: Announcement, base: Base) -> Partial:
+        msg = serde.announcement_to_msg(announcement)
+        return self._call(lambda stub: serde.read_partial(  # type: ignore[return-value]
+            stub.AnnounceRound(msg, timeout=self.deadlines.round)))
+
+    def cosign(self, data: BlockData) -> Cosignature:
+        reply = self._call(lambda stub: stub.ProposeBlock(serde.block_parts(data), timeout=self.deadlines.block))
+        return serde.cosig_from_msg(reply)  # type: ignore[arg-type]
+
+    def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
+        request = CommitRequestMsg(height=height, hash=block_hash,
+                                   cosignatures=[serde.cosig_to_msg(c) for c in cosignatures])
+        self._call(lambda stub: stub.CommitBlock(request, timeout=self.deadlines.block))
+
+    def head(self) -> ChainHead | None:
+        return serde.head_from_msg(self._call(  # type: ignore[arg-type]
+            lambda stub: stub.GetHead(EmptyMsg(), timeout=self.deadlines.query)))
+
+    def blocks(self, start: int, end: int) -> Iterator[BlockData]:
+        try:
+            with transport.open_channel(self.address) as channel:
+                stream = fledger_pb2_grpc.SuperNodeStub(channel).GetBlocks(
+                    HeightRangeMsg(from_height=start, to_height=end), timeout=self.deadlines.sync)
+                yield from serde.read_blocks(stream)
+        except grpc.RpcError as exc:
+            raise as_net_error(exc, f"super node {self.node_id[:12]} at {self.address}") from exc
+
+
+class RegistryClient:
+    """A node's calls to the entry's Registry and to its own super node's membership table."""
+
+    def __init__(self, entry: str, deadlines: Deadlines = DEADLINES):
+        self.entry = entry
+        self.deadlines = deadlines
+
+    def _registry(self, fn: Callable[[fledger_pb2_grpc.RegistryStub], object]) -> object:
+        try:
+            with transport.open_channel(self.entry) as channel:
+                return fn(fledger_pb2_grpc.RegistryStub(channel))
+        except grpc.RpcError as exc:
+            raise as_net_error(exc, f"entry {self.entry}") from exc
+
+    def register_supernode(self, info: MemberView) -> None:
+        msg = _info_msg(info)
+        self._registry(lambda stub: stub.RegisterSuperNode(msg, timeout=self.deadlines.register))
+
+    def heartbeat(self, node_id: str, load: int) -> None:
+        self._registry(lambda stub: stub.Heartbeat(HeartbeatRequestMsg(node_id=node_id, load=load),
+                                                   timeout=self.deadlines.heartbeat))
+
+    def supernodes(self, include_dead: bool = False) -> list[MemberView]:
+        listed = self._registry(lambda stub: stub.ListSuperNodes(ListRequestMsg(include_dead=include_dead),
+                                                                 timeout=self.deadlines.query))
+        return [serde.view_from_msg(m) for m in listed.members]  # type: ignore[attr-defined]
+
+    def assign(self, info: MemberView) -> MemberView:
+        msg = _info_msg(info)
+        return serde.view_from_msg(self._registry(  # type: ignore[arg-type]
+            lambda stub: stub.AssignSuperNode(msg, timeout=self.deadlines.register)))
+
+    def register_edge(self, supernode: str, info: MemberView) -> float:
+        """Register an edge node with a super node; returns the heartbeat interval it asks for (0: keep yours)."""
+        try:
+            with transport.open_channel(supernode) as channel:
+                reply = fledger_pb2_grpc.SuperNodeStub(channel).RegisterEdge(_info_msg(info),
+                                                                              timeout=self.deadlines.register)
+        except grpc.RpcError as exc:
+            raise as_net_error(exc, f"super node at {supernode}") from exc
+        return float(reply.heartbeat_interval_s)
+
+    def edge_heartbeat(self, supernode: str, node_id: str) -> None:
+        try:
+            with transport.open_channel(supernode) as channel:
+                fledger_pb2_grpc.SuperNodeStub(channel).EdgeHeartbeat(HeartbeatRequestMsg(node_id=node_id),
+                                                                      timeout=self.deadlines.heartbeat)
+        except grpc.RpcError as exc:
+            raise as_net_error(exc, f"super node at {supernode}") from exc
+
+
+def _info_msg(info: MemberView) -> NodeInfoMsg:
+    return NodeInfoMsg(node_id=info.node_id, public_key=info.public_key, address=info.address,
+                       capacity=info.capacity, samples=info.samples, partition_index=info.share)
+
+
+class AdminClient:
+    """The console's and the cluster command's view of one super node's Admin service. A failed call raises the
+    engine error its status code stands for, its message "CODE: details" (UnavailableError when unreachable)."""
+
+    def __init__(self, address: str, deadlines: Deadlines = DEADLINES):
+        self.address = address
+        self.deadlines = deadlines
+        self._channel = transport.open_channel(address)
+        self._stub = fledger_pb2_grpc.AdminStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            raise as_net_error(exc, self.address) from exc
+
+    def status(self, timeout: float | None = None) -> NodeStatus:
+        return serde.status_from_msg(self._call(lambda: self._stub.Status(
+            EmptyMsg(), timeout=timeout or self.deadlines.query)))
+
+    def train(self, rounds: int) -> Iterator[RoundLine]:
+        """Start (or follow) training; yields a line per finished round or note, until the job ends. Closing the
+        iterator early cancels the call (training goes on at the node)."""
+        stream = self._call(lambda: self._stub.Train(TrainRequestMsg(rounds=rounds), timeout=self.deadlines.train))
+        try:
+            while True:
+                msg = self._call(lambda: next(stream, None))
+                if msg is None:
+                    return
+                yield RoundLine.from_msg(msg)
+        finally:
+            stream.cancel()
+
+    def pause(self) -> None:
+        self._call(lambda: self._stub.Pause(EmptyMsg(), timeout=self.deadlines.query))
+
+    def save(self, path: str) -> tuple[str, str]:
+        reply = self._call(lambda: self._stub.Save(SaveRequestMsg(path=path), timeout=self.deadlines.query))
+        return reply.path, reply.model_hash
+
+    def evaluate(self) -> EvalReport:
+        return serde.eval_report_from_msg(self._call(lambda: self._stub.Eval(EmptyMsg(),
+                                                                             timeout=self.deadlines.train)))
+
+    def nodes(self) -> list[MemberView]:
+        listed = self._call(lambda: self._stub.ListNodes(EmptyMsg(), timeout=self.deadlines.query))
+        return [serde.view_from_msg(m) for m in listed.members]
+
+    def block(self, height: int) -> BlockView:
+        """The block at ``height`` with its records, signatures checked (BadRequestError when they do not)."""
+        reply = self._call(lambda: self._stub.GetBlock(HeightMsg(height=height), timeout=self.deadlines.query))
+        block = serde.block_from_msg(reply.block)
+        if reply.hash and reply.hash != block.hash:
+            raise BadRequestError(f"{self.address} sent block {height} under another hash")
+        return BlockView(block, [serde.record_from_msg(r) for r in reply.records])
+
+    def verify(self) -> tuple[bool, int, str]:
+        """(the chain verifies, blocks, message) as the node reports them."""
+        reply = self._call(lambda: self._stub.Verify(EmptyMsg(), timeout=self.deadlines.train))
+        return reply.ok, reply.blocks, reply.message
+
+    def model(self, height: int) -> tuple[dict[str, np.ndarray], str]:
+        """The model at ``height`` from the SuperNode service, decoded and checked against its announced hash."""
+        stub = fledger_pb2_grpc.SuperNodeStub(self._channel)
+        return self._call(lambda: transport.receive_weights(
+            stub.GetModel(HeightMsg(height=height), timeout=self.deadlines.sync)))
+
+
+class RoundLine:
+    """One Train progress message as the console and the cluster command print it."""
+
+    def __init__(self, round: int, height: int, block_hash: str, participants: int, failures: int,
+                 metrics: dict[str, float], timings: dict[str, float], message: str):
+        self.round, self.height, self.block_hash = round, height, block_hash
+        self.participants, self.failures = participants, failures
+        self.metrics, self.timings, self.message = metrics, timings, message
+
+    @classmethod
+    def from_msg(cls, msg: TrainProgressMsg) -> RoundLine:
+        return cls(msg.round, msg.height, msg.block_hash, msg.participants, msg.failures, dict(msg.metrics),
+                   dict(msg.timings), msg.message)
+
+    @classmethod
+    def of(cls, progress: Progress) -> RoundLine:
+        return cls.from_msg(serde.progress_to_msg(progress))
+
+    @property
+    def finished(self) -> bool:
+        """A finished round (it has a block), not a note."""
+        return bool(self.block_hash)
+
+    def text(self) -> str:
+        if not self.finished:
+            return self.message
+        acc = f"accuracy {self.metrics['accuracy']:.2%}  " if "accuracy" in self.metrics else ""
+        return (f"round {self.round}  {acc}{self.participants} trainers  {self.failures} failed  "
+                f"block {self.height} {self.block_hash[:12]}" +
+                (f"  {self.timings['round_s']:.2f} s" if "round_s" in self.timings else "") +
+                (f"  ({self.message})" if self.message else ""))
+
+
+def probe_health(address: str, timeout: float = 3.0) -> bool:
+    """The standard gRPC health service of a node says SERVING."""
+    return transport.probe_health(address, timeout)

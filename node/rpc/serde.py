@@ -1,0 +1,290 @@
+"""The one place protobuf messages become domain values and back; wire input is checked as it is converted
+(BadRequestError naming what is wrong)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+
+from chain.block import Cosignature, MalformedError, SignedBlock, SignedRecord
+from chain.encoding import EncodingError
+from fl.participant import EvalRes, FitIns
+from node.engine.errors import BadRequestError
+from node.engine.jobs import Progress
+from node.engine.membership import Member
+from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Partial, Plan, RoundReport
+from node.engine.views import EdgeEval, EvalReport, MemberView, NodeStatus
+from node.rpc.transport import WeightsAssembler, blob_chunks, send_weights
+from proto.fledger_pb2 import BlockPart as BlockPartMsg
+from proto.fledger_pb2 import Cosignature as CosignatureMsg
+from proto.fledger_pb2 import EdgeEval as EdgeEvalMsg
+from proto.fledger_pb2 import EvalReply as EvalReplyMsg
+from proto.fledger_pb2 import Failure as FailureMsg
+from proto.fledger_pb2 import FitIns as FitInsMsg
+from proto.fledger_pb2 import Head as HeadMsg
+from proto.fledger_pb2 import MemberEntry as MemberEntryMsg
+from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
+from proto.fledger_pb2 import PartialHeader as PartialHeaderMsg
+from proto.fledger_pb2 import PartialPart as PartialPartMsg
+from proto.fledger_pb2 import RoundAnnouncement as RoundAnnouncementMsg
+from proto.fledger_pb2 import RoundPlan as RoundPlanMsg
+from proto.fledger_pb2 import SignedBlock as SignedBlockMsg
+from proto.fledger_pb2 import SignedRecord as SignedRecordMsg
+from proto.fledger_pb2 import StatusReply as StatusReplyMsg
+from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
+
+# ---------------------------------------------------------------- records, blocks, co-signatures
+
+
+def record_to_msg(record: SignedRecord) -> SignedRecordMsg:
+    return SignedRecordMsg(record_bytes=record.record_bytes, signature=record.signature)
+
+
+def record_from_msg(msg: SignedRecordMsg) -> SignedRecord:
+    """A SignedRecord whose signature and id have been checked; BadRequestError otherwise."""
+    record = SignedRecord(bytes(msg.record_bytes), bytes(msg.signature))
+    try:
+        record.check()
+    except (MalformedError, EncodingError) as exc:
+        raise BadRequestError(f"bad update record: {exc}") from exc
+    return record
+
+
+def block_to_msg(block: SignedBlock) -> SignedBlockMsg:
+    return SignedBlockMsg(header_bytes=block.header_bytes, signature=block.signature)
+
+
+def block_from_msg(msg: SignedBlockMsg) -> SignedBlock:
+    """A SignedBlock whose proposer signature and id have been checked; BadRequestError otherwise."""
+    block = SignedBlock(bytes(msg.header_bytes), bytes(msg.signature))
+    try:
+        block.check()
+    except (MalformedError, EncodingError) as exc:
+        raise BadRequestError(f"bad block: {exc}") from exc
+    return block
+
+
+def cosig_to_msg(cosig: Cosignature) -> CosignatureMsg:
+    return CosignatureMsg(signer_key=cosig.signer_key, signature=cosig.signature)
+
+
+def cosig_from_msg(msg: CosignatureMsg) -> Cosignature:
+    """Structural conversion only; validity depends on the block, see ``Cosignature.valid_for``."""
+    return Cosignature(msg.signer_key, bytes(msg.signature))
+
+
+def block_parts(data: BlockData) -> Iterator[BlockPartMsg]:
+    """One block as stream messages: block, records, co-signatures, weight chunks."""
+    yield BlockPartMsg(block=block_to_msg(data.block))
+    for record in data.records:
+        yield BlockPartMsg(record=record_to_msg(record))
+    for cosig in data.cosignatures:
+        yield BlockPartMsg(cosignature=cosig_to_msg(cosig))
+    for chunk in blob_chunks(data.weights_blob, data.block.header.model_hash):
+        yield BlockPartMsg(weights=chunk)
+
+
+def read_blocks(parts: Iterable[BlockPartMsg]) -> Iterator[BlockData]:
+    """Group a stream of parts into blocks. Signatures of the block and its records are checked here, and the blob's
+    size and announced hash; the receiving ledger verifies the rest once (links, Merkle root, co-signatures)."""
+    current: tuple[SignedBlock, list[SignedRecord], list[Cosignature], WeightsAssembler] | None = None
+    for part in parts:
+        kind = part.WhichOneof("part")
+        if kind == "block":
+            if current is not None:
+                yield _finish(*current)
+            current = (block_from_msg(part.block), [], [], WeightsAssembler())
+        elif current is None:
+            raise BadRequestError("a block stream must start with a block message")
+        elif kind == "record":
+            current[1].append(record_from_msg(part.record))
+        elif kind == "cosignature":
+            current[2].append(cosig_from_msg(part.cosignature))
+        elif kind == "weights":
+            current[3].add(part.weights)
+        else:
+            raise BadRequestError("empty block stream message")
+    if current is not None:
+        yield _finish(*current)
+
+
+def _finish(block: SignedBlock, records: list[SignedRecord], cosigs: list[Cosignature],
+            assembler: WeightsAssembler) -> BlockData:
+    if assembler.expected_hash != block.header.model_hash:
+        raise BadRequestError(f"block {block.header.height}: the weights sent are not the block's model")
+    return BlockData(block, tuple(records), assembler.finish_blob(), tuple(cosigs))
+
+
+def head_to_msg(head: ChainHead | None) -> HeadMsg:
+    if head is None:
+        return HeadMsg(empty=True)
+    return HeadMsg(height=head.height, hash=head.hash, model_hash=head.model_hash)
+
+
+def head_from_msg(msg: HeadMsg) -> ChainHead | None:
+    return None if msg.empty else ChainHead(msg.height, msg.hash, msg.model_hash)
+
+
+# ---------------------------------------------------------------- training
+
+
+def fit_ins_to_msg(ins: FitIns) -> FitInsMsg:
+    return FitInsMsg(round=ins.round, epochs=ins.epochs, batch_size=ins.batch_size, lr=ins.lr,
+                     momentum=ins.momentum, seed=ins.seed)
+
+
+def _check_training(epochs: int, batch_size: int, lr: float, momentum: float) -> None:
+    if epochs < 1 or batch_size < 1:
+        raise BadRequestError(f"training instructions need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
+    if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(momentum) and momentum >= 0):
+        raise BadRequestError(f"training instructions need lr > 0 and momentum >= 0, got {lr}, {momentum}")
+
+
+def fit_ins_from_msg(msg: FitInsMsg) -> FitIns:
+    """FitIns with sane values; BadRequestError naming the bad field otherwise."""
+    _check_training(msg.epochs, msg.batch_size, msg.lr, msg.momentum)
+    return FitIns(round=msg.round, epochs=msg.epochs, batch_size=msg.batch_size, lr=msg.lr,
+                  momentum=msg.momentum, seed=msg.seed)
+
+
+def announcement_to_msg(ann: Announcement) -> RoundAnnouncementMsg:
+    plan = ann.plan
+    return RoundAnnouncementMsg(round=ann.round, base_height=ann.base_height, base_model_hash=ann.base_model_hash,
+                                proposer_id=ann.proposer_id, participants=list(ann.participants),
+                                plan=RoundPlanMsg(algorithm=plan.algorithm, lr=plan.lr,
+                                                  local_epochs=plan.local_epochs, batch_size=plan.batch_size,
+                                                  momentum=plan.momentum, seed=plan.seed))
+
+
+def announcement_from_msg(msg: RoundAnnouncementMsg) -> Announcement:
+    """An announcement with a known algorithm, sane training values and each participant once."""
+    plan = msg.plan
+    if plan.algorithm not in ("fedavg", "fedper"):
+        raise BadRequestError(f"unknown algorithm {plan.algorithm!r} in the round plan")
+    _check_training(plan.local_epochs, plan.batch_size, plan.lr, plan.momentum)
+    if len(set(msg.participants)) != len(msg.participants):
+        raise BadRequestError("the announcement lists an edge node twice")
+    return Announcement(msg.round, msg.base_height, msg.base_model_hash, msg.proposer_id, tuple(msg.participants),
+                        Plan(plan.algorithm, plan.lr, plan.local_epochs, plan.batch_size, plan.momentum, plan.seed))
+
+
+def metrics_to_msg(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Metrics for a ``map<string, double>`` field (finite floats only)."""
+    return {str(k): float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def metrics_from_msg(metrics: Mapping[str, float]) -> dict[str, float]:
+    out = {str(k): float(v) for k, v in metrics.items()}
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise BadRequestError(f"metrics {bad} are not finite numbers")
+    return out
+
+
+def eval_to_msg(res: EvalRes) -> EvalReplyMsg:
+    return EvalReplyMsg(loss=res.loss, accuracy=res.accuracy, samples=res.samples)
+
+
+def eval_from_msg(msg: EvalReplyMsg) -> EvalRes:
+    return EvalRes(loss=msg.loss, accuracy=msg.accuracy, samples=msg.samples)
+
+
+def partial_parts(partial: Partial) -> Iterator[PartialPartMsg]:
+    """A partial as stream messages: header, records, weight chunks."""
+    yield PartialPartMsg(header=PartialHeaderMsg(
+        round=partial.round, sn_id=partial.sn_id, samples=partial.samples,
+        failures=[FailureMsg(node_id=n, reason=r) for n, r in partial.failures],
+        metrics=metrics_to_msg(partial.metrics), timings=metrics_to_msg(partial.timings)))
+    for record in partial.records:
+        yield PartialPartMsg(record=record_to_msg(record))
+    if partial.weights is not None:
+        for chunk in send_weights(partial.weights):
+            yield PartialPartMsg(weights=chunk)
+
+
+def read_partial(parts: Iterable[PartialPartMsg]) -> Partial:
+    """Reassemble a partial (records signed, weights whole and hashing as announced); the proposer then checks it
+    against its round with ``partial.check_partial``."""
+    stream = iter(parts)
+    first = next(stream, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise BadRequestError("a partial must start with its header")
+    head = first.header
+    records, assembler = [], WeightsAssembler()
+    for part in stream:
+        kind = part.WhichOneof("part")
+        if kind == "record":
+            records.append(record_from_msg(part.record))
+        elif kind == "weights":
+            assembler.add(part.weights)
+        else:
+            raise BadRequestError(f"unexpected {kind!r} message inside a partial")
+    weights = assembler.finish()[0] if assembler.started else None
+    return Partial(head.sn_id, head.round, int(head.samples), weights, records,
+                   [(f.node_id, f.reason) for f in head.failures], metrics_from_msg(head.metrics),
+                   metrics_from_msg(head.timings))
+
+
+# ---------------------------------------------------------------- membership and the operator's views
+
+
+def member_to_msg(member: Member, alive: bool = True, silent_s: float = 0.0, role: str = "",
+                  parent_id: str = "") -> MemberEntryMsg:
+    info = NodeInfoMsg(node_id=member.node_id, public_key=member.public_key, address=member.address,
+                       capacity=member.capacity, samples=member.samples, partition_index=member.share)
+    return MemberEntryMsg(info=info, load=member.load, alive=alive, role=role, parent_id=parent_id,
+                          silent_s=max(0.0, silent_s))
+
+
+def view_to_msg(view: MemberView) -> MemberEntryMsg:
+    info = NodeInfoMsg(node_id=view.node_id, public_key=view.public_key, address=view.address,
+                       capacity=view.capacity, samples=view.samples, partition_index=view.share)
+    return MemberEntryMsg(info=info, load=view.load, alive=view.alive, role=view.role, parent_id=view.parent_id,
+                          silent_s=max(0.0, view.silent_s))
+
+
+def view_from_msg(msg: MemberEntryMsg) -> MemberView:
+    info = msg.info
+    return MemberView(info.node_id, info.public_key, info.address, msg.role, msg.alive, msg.silent_s,
+                      msg.parent_id, msg.load, info.capacity, info.samples,
+                      info.partition_index if info.HasField("partition_index") else None)
+
+
+def edge_ref_from_msg(msg: MemberEntryMsg) -> EdgeRef:
+    info = msg.info
+    return EdgeRef(info.node_id, info.address, info.partition_index if info.HasField("partition_index") else None)
+
+
+def status_to_msg(status: NodeStatus) -> StatusReplyMsg:
+    return StatusReplyMsg(node_id=status.node_id, role=status.role, head=head_to_msg(status.head),
+                          edges=status.edges, supernodes=status.supernodes, training=status.training,
+                          paused=status.paused, round=status.round)
+
+
+def status_from_msg(msg: StatusReplyMsg) -> NodeStatus:
+    return NodeStatus(msg.node_id, msg.role, head_from_msg(msg.head), msg.edges, msg.supernodes, msg.training,
+                      msg.paused, msg.round)
+
+
+def progress_to_msg(progress: Progress) -> TrainProgressMsg:
+    """A finished round, or a note about one."""
+    if not isinstance(progress, RoundReport):
+        return TrainProgressMsg(round=progress.round, message=progress.message)
+    block = progress.block
+    return TrainProgressMsg(round=progress.round, height=block.header.height, block_hash=block.hash,
+                            participants=progress.participants, failures=len(progress.failures),
+                            metrics=metrics_to_msg(progress.metrics), timings=metrics_to_msg(progress.timings),
+                            message="; ".join(f"{n[:12]}: {why}" for n, why in progress.failures[:3]))
+
+
+def eval_report_to_msg(report: EvalReport) -> EvalReplyMsg:
+    return EvalReplyMsg(loss=report.loss, accuracy=report.accuracy, samples=report.samples,
+                        edges=[EdgeEvalMsg(node_id=e.node_id, loss=e.loss, accuracy=e.accuracy, samples=e.samples,
+                                           error=e.error) for e in report.edges],
+                        edge_accuracy_mean=report.edge_accuracy_mean, edge_accuracy_min=report.edge_accuracy_min,
+                        edge_accuracy_max=report.edge_accuracy_max)
+
+
+def eval_report_from_msg(msg: EvalReplyMsg) -> EvalReport:
+    return EvalReport(msg.loss, msg.accuracy, msg.samples,
+                      [EdgeEval(e.node_id, e.loss, e.accuracy, e.samples, e.error) for e in msg.edges],
+                      msg.edge_accuracy_mean, msg.edge_accuracy_min, msg.edge_accuracy_max)

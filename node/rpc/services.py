@@ -1,0 +1,212 @@
+"""The gRPC servicers, all thin: unpack the request with serde, call the domain object, pack the answer; domain
+errors become status codes through ``transport.guarded``. No servicer holds state of its own."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from chain.tensors import encode_weights
+from node.engine.edge import EdgeTrainer
+from node.engine.errors import BadRequestError
+from node.engine.membership import Membership, SuperNodeRegistry
+from node.engine.supernode import SuperNodeCore
+from node.engine.views import AdminBackend
+from node.rpc import serde, transport
+from proto import fledger_pb2_grpc
+from proto.fledger_pb2 import BlockView as BlockViewMsg
+from proto.fledger_pb2 import CommitReply as CommitReplyMsg
+from proto.fledger_pb2 import Empty as EmptyMsg
+from proto.fledger_pb2 import FitReply as FitReplyMsg
+from proto.fledger_pb2 import FitSummary as FitSummaryMsg
+from proto.fledger_pb2 import HeartbeatReply as HeartbeatReplyMsg
+from proto.fledger_pb2 import MemberList as MemberListMsg
+from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
+from proto.fledger_pb2 import RegisterReply as RegisterReplyMsg
+from proto.fledger_pb2 import SaveReply as SaveReplyMsg
+from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
+from proto.fledger_pb2 import VerifyReply as VerifyReplyMsg
+from proto.fledger_pb2 import WeightsChunk as WeightsChunkMsg
+
+log = logging.getLogger(__name__)
+
+Context = Any   # grpc.ServicerContext
+
+
+def _register_reply(table: Membership) -> RegisterReplyMsg:
+    return RegisterReplyMsg(heartbeat_interval_s=table.heartbeat_interval, missed_beats=table.missed_beats)
+
+
+def _share(info: NodeInfoMsg) -> int | None:
+    return info.partition_index if info.HasField("partition_index") else None
+
+
+class RegistryServicer(fledger_pb2_grpc.RegistryServicer):
+    """The entry's super-node registry."""
+
+    def __init__(self, registry: SuperNodeRegistry, entry_id: str):
+        self.registry = registry
+        self.entry_id = entry_id
+
+    @transport.guarded
+    def RegisterSuperNode(self, request: NodeInfoMsg, context: Context) -> RegisterReplyMsg:
+        self.registry.register(request.node_id, request.public_key, request.address, capacity=request.capacity)
+        return _register_reply(self.registry)
+
+    def ListSuperNodes(self, request: Any, context: Context) -> MemberListMsg:
+        return MemberListMsg(members=[
+            serde.member_to_msg(m, alive, silent, "entry" if m.node_id == self.entry_id else "supernode")
+            for m, alive, silent in self.registry.listing(request.include_dead)])
+
+    @transport.guarded
+    def AssignSuperNode(self, request: NodeInfoMsg, context: Context) -> Any:
+        return serde.member_to_msg(self.registry.assign(request.node_id, request.public_key, _share(request)),
+                                   role="supernode")
+
+    @transport.guarded
+    def Heartbeat(self, request: Any, context: Context) -> HeartbeatReplyMsg:
+        self.registry.heartbeat(request.node_id, load=request.load)
+        return HeartbeatReplyMsg()
+
+
+class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
+    """A super node's edge membership, rounds, co-signing, commits and chain, over its SuperNodeCore."""
+
+    def __init__(self, core: SuperNodeCore, edges: Membership):
+        self.core = core
+        self.edges = edges
+
+    @transport.guarded
+    def RegisterEdge(self, request: NodeInfoMsg, context: Context) -> RegisterReplyMsg:
+        self.edges.register(request.node_id, request.public_key, request.address, samples=request.samples,
+                            share=_share(request))
+        return _register_reply(self.edges)
+
+    @transport.guarded
+    def EdgeHeartbeat(self, request: Any, context: Context) -> HeartbeatReplyMsg:
+        self.edges.heartbeat(request.node_id)
+        return HeartbeatReplyMsg()
+
+    def ListEdges(self, request: Any, context: Context) -> MemberListMsg:
+        return MemberListMsg(members=[serde.member_to_msg(m, alive, silent, "edge", self.core.node_id)
+                                      for m, alive, silent in self.edges.listing(request.include_dead)])
+
+    @transport.guarded_stream
+    def AnnounceRound(self, request: Any, context: Context) -> Iterator[Any]:
+        yield from serde.partial_parts(self.core.train(serde.announcement_from_msg(request)))
+
+    @transport.guarded
+    def ProposeBlock(self, request_iterator: Iterator[Any], context: Context) -> Any:
+        blocks = list(serde.read_blocks(request_iterator))
+        if len(blocks) != 1:
+            raise BadRequestError(f"ProposeBlock carries exactly one block, got {len(blocks)}")
+        return serde.cosig_to_msg(self.core.cosign(blocks[0]))
+
+    @transport.guarded
+    def CommitBlock(self, request: Any, context: Context) -> CommitReplyMsg:
+        self.core.commit(request.height, request.hash, [serde.cosig_from_msg(c) for c in request.cosignatures])
+        return CommitReplyMsg()
+
+    def GetHead(self, request: Any, context: Context) -> Any:
+        return serde.head_to_msg(self.core.head())
+
+    @transport.guarded_stream
+    def GetBlocks(self, request: Any, context: Context) -> Iterator[Any]:
+        head = self.core.head()
+        if head is None:
+            return
+        end = head.height if request.to_height == 0 else request.to_height
+        for data in self.core.blocks(request.from_height, end):
+            yield from serde.block_parts(data)
+
+    @transport.guarded_stream
+    def GetModel(self, request: Any, context: Context) -> Iterator[WeightsChunkMsg]:
+        model_hash, blob = self.core.model_blob(request.height)
+        yield from transport.blob_chunks(blob, model_hash)
+
+
+class AdminServicer(fledger_pb2_grpc.AdminServicer):
+    """Console queries and commands over any AdminBackend (a super node)."""
+
+    def __init__(self, backend: AdminBackend):
+        self.backend = backend
+
+    def Status(self, request: Any, context: Context) -> Any:
+        return serde.status_to_msg(self.backend.status())
+
+    @transport.guarded_stream
+    def Train(self, request: Any, context: Context) -> Iterator[TrainProgressMsg]:
+        job, started = self.backend.start_training(request.rounds)
+        if not started:
+            yield TrainProgressMsg(round=self.backend.status().round,
+                                   message=f"already training rounds {job.first_round}-{job.last_round}; "
+                                           "following that run")
+        for progress in self.backend.follow(job, context.is_active):
+            yield serde.progress_to_msg(progress)
+
+    @transport.guarded
+    def Pause(self, request: Any, context: Context) -> EmptyMsg:
+        self.backend.pause()
+        return EmptyMsg()
+
+    @transport.guarded
+    def Save(self, request: Any, context: Context) -> SaveReplyMsg:
+        path, digest = self.backend.save_model(request.path or None)
+        return SaveReplyMsg(path=str(path), model_hash=digest)
+
+    @transport.guarded
+    def Eval(self, request: Any, context: Context) -> Any:
+        return serde.eval_report_to_msg(self.backend.evaluate())
+
+    def ListNodes(self, request: Any, context: Context) -> MemberListMsg:
+        return MemberListMsg(members=[serde.view_to_msg(v) for v in self.backend.network_view()])
+
+    @transport.guarded
+    def GetBlock(self, request: Any, context: Context) -> BlockViewMsg:
+        view = self.backend.block(request.height)
+        return BlockViewMsg(block=serde.block_to_msg(view.block), records=[serde.record_to_msg(r) for r in view.records],
+                            hash=view.block.hash)
+
+    def Verify(self, request: Any, context: Context) -> VerifyReplyMsg:
+        try:
+            report = self.backend.verify_chain()
+        except Exception as exc:  # VerificationError names height and check; the console shows it
+            return VerifyReplyMsg(ok=False, message=str(exc))
+        return VerifyReplyMsg(ok=True, blocks=report.blocks, message=f"head {report.head_height} {report.head_hash}")
+
+
+class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
+    """An edge node's training and evaluation over its EdgeTrainer."""
+
+    def __init__(self, trainer: EdgeTrainer, info: NodeInfoMsg):
+        self.trainer = trainer
+        self.info = info
+
+    @transport.guarded_stream
+    def Fit(self, request_iterator: Iterator[Any], context: Context) -> Iterator[FitReplyMsg]:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "ins":
+            raise BadRequestError("a Fit stream must start with the FitIns message")
+        ins = serde.fit_ins_from_msg(first.ins)
+        weights, base_hash = transport.receive_weights(_weights_only(request_iterator))
+        res, update_hash, train_s = self.trainer.fit(weights, ins, base_hash)
+        yield FitReplyMsg(summary=FitSummaryMsg(samples=res.samples, metrics=serde.metrics_to_msg(res.metrics),
+                                                record=serde.record_to_msg(res.receipt),  # type: ignore[arg-type]
+                                                train_s=train_s))
+        for chunk in transport.blob_chunks(encode_weights(res.weights), update_hash):
+            yield FitReplyMsg(weights=chunk)
+
+    @transport.guarded
+    def Evaluate(self, request_iterator: Iterator[WeightsChunkMsg], context: Context) -> Any:
+        weights, _ = transport.receive_weights(request_iterator)
+        return serde.eval_to_msg(self.trainer.evaluate(weights))
+
+    def Info(self, request: Any, context: Context) -> NodeInfoMsg:
+        return self.info
+
+
+def _weights_only(requests: Iterator[Any]) -> Iterator[WeightsChunkMsg]:
+    for request in requests:
+        if request.WhichOneof("part") != "weights":
+            raise BadRequestError("after FitIns a Fit stream may only carry weights chunks")
+        yield request.weights

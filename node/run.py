@@ -1,0 +1,164 @@
+"""What a run is, built from its Config, for the simulator and the network alike: data shares, the seeded initial
+model, the strategy, the run's ledger parameters, timestamps, edge-node trainers and global evaluation."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from chain.keys import NodeKey
+from config import Config, ConfigError, local_test_fraction
+from fl.data import Dataset, load_dataset
+from fl.local import InProcessParticipant, Workbench
+from fl.models import build_model, default_model_for
+from fl.partition import local_split, partition
+from fl.strategy import FedAvg, make_strategy
+from fl.train import evaluate as evaluate_model
+from fl.weights import Weights, load_numpy, state_to_numpy
+from node.engine.edge import EdgeTrainer
+
+
+def configure_torch(cfg: Config) -> str:
+    """Threads and device for this process; returns the device name."""
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return cfg.device
+
+
+def model_name(cfg: Config) -> str:
+    return default_model_for(cfg.dataset) if cfg.model == "auto" else cfg.model
+
+
+def strategy_for(cfg: Config) -> FedAvg:
+    return make_strategy(cfg.algo, lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                         momentum=cfg.momentum, fraction=cfg.fraction, seed=cfg.seed)
+
+
+def initial_model(cfg: Config, dataset: Dataset) -> torch.nn.Module:
+    """The round-0 model, initialised from the run's seed so every node and every rerun agrees."""
+    torch.manual_seed(cfg.seed)
+    return build_model(model_name(cfg), dataset.num_classes, dataset.input_shape)
+
+
+def client_shares(cfg: Config, dataset: Dataset, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every client's (train indices, local test indices), seeded by the run's seed."""
+    parts = partition(dataset.train_y.numpy(), count, cfg.partition, cfg.seed, alpha=cfg.alpha,
+                      shards_per_client=cfg.shards_per_client)
+    holdout = local_test_fraction(cfg)
+    return [local_split(idx, holdout, cfg.seed + i) for i, idx in enumerate(parts)]
+
+
+def run_params(cfg: Config, strategy: FedAvg, data_source: str, super_nodes: int = 1) -> dict[str, str]:
+    """What fixes a run; stored in the genesis block so a resumed run can check it continues the same one.
+    ``super_nodes`` is recorded only when above 1, so a one-super-node chain keeps the parameters it always had."""
+    params = dict(strategy.params())
+    params.update(dataset=cfg.dataset, data=data_source, model=model_name(cfg), partition=cfg.partition,
+                  alpha=repr(cfg.alpha), shards_per_client=str(cfg.shards_per_client), clients=str(cfg.clients),
+                  local_test_fraction=repr(local_test_fraction(cfg)))
+    if super_nodes > 1:
+        params["super_nodes"] = str(super_nodes)
+    return params
+
+
+def timestamp(cfg: Config, round: int) -> int:
+    """A block's timestamp: logical (round x 1000 ms) with --reproducible, so equal runs give equal hashes."""
+    return round * 1000 if cfg.reproducible else int(time.time() * 1000)
+
+
+def edge_trainers(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_count: int, device: str = "cpu",
+                  dataset: Dataset | None = None,
+                  workbench: Workbench | None = None) -> tuple[list[EdgeTrainer], Workbench, Dataset]:
+    """Edge nodes for shares ``first_share`` .. ``+len(keys)-1`` of ``share_count``: the data and initial model the
+    simulator gives those clients, all seeded by ``cfg.seed``. They share one dataset in memory and train in turn
+    on one model (the returned Workbench)."""
+    if first_share < 0 or first_share + len(keys) > share_count:
+        raise ConfigError(f"data shares {first_share}..{first_share + len(keys) - 1} are outside 0..{share_count - 1}")
+    dataset = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    if share_count > len(dataset.train_y):
+        raise ConfigError(f"{share_count} clients but only {len(dataset.train_y)} training samples; "
+                         "use fewer --clients")
+    shares = client_shares(cfg, dataset, share_count)
+    model = initial_model(cfg, dataset)
+    shared = strategy_for(cfg).shared_keys(model)
+    state = state_to_numpy(model)
+    personal = {k: state[k] for k in state if k not in set(shared)} or None
+    bench = workbench or Workbench(model, device)
+    trainers = [EdgeTrainer(InProcessParticipant(f"client-{first_share + i:03d}", dataset,
+                                                 *shares[first_share + i], bench, shared, personal),
+                            key, share=first_share + i)
+                for i, key in enumerate(keys)]
+    return trainers, bench, dataset
+
+
+class RunContext:
+    """The proposer's view of the run: strategy, parameters, the genesis model and global evaluation. The dataset
+    and an evaluation model are loaded on first use unless given (the simulator shares its own)."""
+
+    def __init__(self, cfg: Config, *, dataset: Dataset | None = None, workbench: Workbench | None = None,
+                 super_nodes: int = 1, personal_layers: Callable[[], Weights | None] | None = None):
+        self.cfg = cfg
+        self.strategy = strategy_for(cfg)
+        self.super_nodes = super_nodes
+        # The simulator can see every client's personal layers and evaluates FedPer's global model with their
+        # mean; on the network they never leave the edge nodes, so FedPer has no global evaluation there.
+        self.personal_layers = personal_layers
+        self._lock = threading.Lock()
+        self._dataset = dataset
+        self._bench = workbench
+
+    @property
+    def dataset(self) -> Dataset:
+        with self._lock:
+            if self._dataset is None:
+                self._dataset = load_dataset(self.cfg.dataset, self.cfg.data_dir, self.cfg.download)
+            return self._dataset
+
+    @property
+    def workbench(self) -> Workbench:
+        dataset = self.dataset
+        with self._lock:
+            if self._bench is None:
+                self._bench = Workbench(initial_model(self.cfg, dataset), "cpu")
+            return self._bench
+
+    def params(self) -> dict[str, str]:
+        return run_params(self.cfg, self.strategy, self.dataset.source, self.super_nodes)
+
+    def genesis_weights(self) -> Weights:
+        """The shared keys of the seeded initial model (FedPer: base layers)."""
+        model = initial_model(self.cfg, self.dataset)
+        state = state_to_numpy(model)
+        return {k: state[k] for k in self.strategy.shared_keys(model)}
+
+    @property
+    def personalised(self) -> bool:
+        """Edge nodes keep personal layers (FedPer) or per-edge evaluation was asked for."""
+        return self.strategy.name == "fedper" or self.cfg.eval_local
+
+    def evaluate_global(self, shared: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Accuracy and loss on the global test set; {} when asked not to, or when the weights are not a whole
+        model and no personal layers are visible (FedPer on the network)."""
+        if not self.cfg.eval_global:
+            return {}
+        bench = self.workbench
+        state = dict(shared)
+        if set(state) != set(bench.keys):
+            personal = self.personal_layers() if self.personal_layers is not None else None
+            if personal is None:
+                return {}
+            state.update(personal)
+        data = self.dataset
+        with bench.lock:
+            load_numpy(bench.model, state, strict_keys=True)
+            m = evaluate_model(bench.model, data.test_x, data.test_y, device=bench.device)
+        return {"accuracy": float(m["accuracy"]), "loss": float(m["loss"])}
+
+    def timestamp(self, round: int) -> int:
+        return timestamp(self.cfg, round)

@@ -1,0 +1,230 @@
+"""`main.py simulate`: the network in one process. K super nodes (``--sn``), each with its own ledger and its own
+edge nodes, run the one round engine through in-process peers and participants: the entry proposes, the others
+train their share, verify, co-sign and store, exactly as over gRPC. Edge node ``i`` belongs to super node
+``i mod K`` (the network's assignment when K super nodes joined before the edge nodes)."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from chain.tensors import decode_weights, encode_weights
+from config import Config, ConfigError
+from fl.aggregate import weighted_average
+from fl.weights import Weights
+from node.engine.coordinator import Coordinator
+from node.engine.edge import EdgeTrainer, LocalEdges
+from node.engine.supernode import SuperNodeCore
+from node.engine.types import Peer, RoundReport
+from node.ledger import CHECKPOINT_FILE, Ledger, default_db_url
+from node.run import RunContext, configure_torch, edge_trainers, model_name
+from storage.store import LedgerStore
+
+log = logging.getLogger(__name__)
+
+
+class ResumeMismatch(ValueError):
+    """The ledger was started with other settings than this run's."""
+
+
+@dataclass
+class Simulation:
+    cfg: Config
+    ctx: RunContext
+    supernodes: list[SuperNodeCore]      # the entry first
+    trainers: list[EdgeTrainer]          # every edge node, in share order
+    coordinator: Coordinator
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.supernodes[0].ledger
+
+    def close(self) -> None:
+        for sn in self.supernodes:
+            sn.ledger.close()
+
+
+def _ledger_location(cfg: Config, index: int) -> tuple[Path, str]:
+    """Super node ``index``'s data root and database: the run's own for the entry, DATA_ROOT/sn<index> beside it
+    (SQLite there, or the MySQL database named with a _sn<index> suffix) for the others."""
+    root = Path(cfg.data_root) if index == 0 else Path(cfg.data_root) / f"sn{index}"
+    if cfg.db is None:
+        return root, default_db_url(root)
+    if index == 0:
+        return root, cfg.db
+    from sqlalchemy.engine import make_url
+    url = make_url(cfg.db)
+    if url.get_backend_name() == "sqlite":
+        return root, default_db_url(root)
+    return root, url.set(database=f"{url.database or 'fledger'}_sn{index}").render_as_string(hide_password=False)
+
+
+def prepare(cfg: Config, fresh: bool = False, super_nodes: int = 1,
+            on_fit: Callable[[], None] | None = None) -> Simulation:
+    """Load data and model, open every super node's ledger, and start a chain or check that it can be resumed."""
+    if not 1 <= super_nodes <= cfg.clients:
+        raise ConfigError(f"--sn {super_nodes}: need between 1 and --clients ({cfg.clients}) super nodes")
+    device = configure_torch(cfg)
+    ledgers = []
+    for index in range(super_nodes):
+        root, url = _ledger_location(cfg, index)
+        root.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            store = LedgerStore(url)
+            store.reset()
+            store.close()
+            (root / CHECKPOINT_FILE).unlink(missing_ok=True)
+        ledgers.append(Ledger.open(root, url))
+    keys = [ledgers[0].key.derive(f"client-{i:03d}") for i in range(cfg.clients)]
+    trainers, bench, dataset = edge_trainers(cfg, keys, 0, cfg.clients, device)
+    supernodes: list[SuperNodeCore] = []
+    for index, ledger in enumerate(ledgers):
+        group = [t for t in trainers if t.share is not None and t.share % super_nodes == index]
+        upstream: Callable[[], Peer | None] = (lambda: None) if index == 0 else (lambda: supernodes[0])
+        supernodes.append(SuperNodeCore(ledger, LocalEdges(group, on_fit), upstream=upstream))
+
+    def personal_layers() -> Weights | None:
+        states = [t.participant.personal_state() for t in trainers]
+        return weighted_average([(s, 1) for s in states if s is not None]) if states[0] is not None else None
+
+    def client_state() -> dict[str, bytes] | None:
+        states = {t.participant.participant_id: t.participant.personal_state() for t in trainers}
+        return {pid: encode_weights(s) for pid, s in states.items() if s is not None} or None
+
+    ctx = RunContext(cfg, dataset=dataset, workbench=bench, super_nodes=super_nodes,
+                     personal_layers=personal_layers)
+    coordinator = Coordinator(ctx, supernodes[0], lambda: supernodes[1:], LocalEdges(trainers), wait_durable=False,
+                              client_state=client_state)
+    sim = Simulation(cfg, ctx, supernodes, trainers, coordinator)
+    if sim.ledger.head is not None:
+        try:
+            _check_resumable(sim)
+        except ResumeMismatch:
+            sim.close()
+            raise
+    return sim
+
+
+def _check_resumable(sim: Simulation) -> None:
+    genesis, _ = sim.ledger.get_block(0)
+    stored, expected = genesis.header.params, sim.ctx.params()
+    if stored != expected or genesis.header.algorithm != sim.ctx.strategy.name:
+        diff = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+        raise ResumeMismatch(f"the ledger at {sim.ledger.store.url} was started with other settings "
+                             f"({', '.join(diff) or 'algorithm'}); pass --fresh to start over or use another --db")
+
+
+def _restore_clients(sim: Simulation) -> int:
+    """Put back every client's personal layers stored with the head block; return the next round."""
+    head = sim.ledger.head
+    assert head is not None
+    if any(t.participant.personal_keys for t in sim.trainers):
+        states = sim.ledger.store.client_states()
+        for t in sim.trainers:
+            pid = t.participant.participant_id
+            height, blob = states.get(pid, (None, b""))
+            if height != head.height:
+                raise ResumeMismatch(f"personal layers of {pid} are missing for block {head.height}; "
+                                     "pass --fresh to start over")
+            t.participant.set_personal_state(decode_weights(blob))
+    return head.round + 1
+
+
+def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, progress: bool = True,
+             super_nodes: int = 1, emit: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the simulation up to ``cfg.rounds`` rounds; return the summary."""
+    started = time.perf_counter()
+    bar: tqdm | None = None
+    sim = prepare(cfg, fresh, super_nodes, on_fit=lambda: bar.update(1) if bar is not None else None)
+    ledger, ctx = sim.ledger, sim.ctx
+    try:
+        emit(f"data: {ctx.dataset.source}; {cfg.clients} clients ({cfg.partition}) on {super_nodes} super "
+             f"node{'s' if super_nodes > 1 else ''}, {cfg.algo}, model {model_name(cfg)}; ledger {ledger.store.url}")
+        if ledger.head is None:
+            _, metrics = sim.coordinator.genesis(edges=LocalEdges(sim.trainers).edges())
+            first = 1
+            emit(f"genesis: initial model, accuracy {metrics.get('accuracy', float('nan')):.2%}")
+        else:
+            first = _restore_clients(sim)
+            emit(f"resuming after block {ledger.head.height} (round {first - 1})")
+        rows: list[dict[str, Any]] = []
+        ids = [t.node_id for t in sim.trainers]
+        for rnd in range(first, cfg.rounds + 1):
+            bar = tqdm(total=len(ctx.strategy.select(rnd, ids)), desc=f"round {rnd}", leave=False,
+                       disable=not progress or None)
+            report = sim.coordinator.run_round(rnd)
+            bar.close()
+            bar = None
+            seconds = report.timings["round_s"]
+            rows.append({"round": rnd, "seconds": round(seconds, 3), "clients": report.participants,
+                         "failures": len(report.failures), **report.metrics})
+            emit(_round_line(report, cfg.rounds))
+        for sn in sim.supernodes:
+            sn.ledger.flush()
+        head = ledger.head
+        assert head is not None
+        result = {"rounds": head.round, "rounds_run": len(rows),
+                  "final_accuracy": rows[-1].get("accuracy") if rows else None,
+                  "wall_s": round(time.perf_counter() - started, 3), "head_height": head.height,
+                  "head_hash": head.hash, "db": ledger.store.url, "dataset": ctx.dataset.source, "algo": cfg.algo,
+                  "super_nodes": super_nodes, "round_seconds": [row["seconds"] for row in rows]}
+        if super_nodes > 1:
+            result["heads"] = [sn.ledger.head.hash if sn.ledger.head else None for sn in sim.supernodes]
+        if rows and ctx.strategy.name == "fedper":
+            result["final_personal_accuracy_mean"] = rows[-1].get("personal_accuracy_mean")
+        if out_dir:
+            write_outputs(Path(out_dir), rows, result)
+        return result
+    finally:
+        sim.close()
+
+
+def _round_line(report: RoundReport, total: int) -> str:
+    m = report.metrics
+    parts = [f"round {report.round}/{total}"]
+    if "accuracy" in m:
+        parts.append(f"accuracy {m['accuracy']:.2%} loss {m['loss']:.4f}")
+    if "personal_accuracy_mean" in m:
+        parts.append(f"personal accuracy mean {m['personal_accuracy_mean']:.2%} "
+                     f"(min {m['personal_accuracy_min']:.2%}, max {m['personal_accuracy_max']:.2%})")
+    if report.failures:
+        parts.append(f"{len(report.failures)} failed")
+    block = report.block
+    parts.append(f"{report.timings['round_s']:.2f} s  block {block.header.height} {block.hash[:12]}")
+    return "  ".join(parts)
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """metrics.csv, metrics.json and plot.png (accuracy and loss per round) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (k != "round", k))
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "metrics.json").write_text(json.dumps({"summary": result, "rounds": rows}, indent=2) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["round"] for r in rows]
+    for key, label in (("accuracy", "global"), ("personal_accuracy_mean", "personal (mean)")):
+        if any(key in r for r in rows):
+            ax1.plot(xs, [r.get(key) for r in rows], marker="o", label=label)
+    for key, label in (("loss", "global test"), ("train_loss", "clients' training")):
+        if any(key in r for r in rows):
+            ax2.plot(xs, [r.get(key) for r in rows], marker="o", label=label)
+    ax1.set(title="accuracy", xlabel="round")
+    ax2.set(title="loss", xlabel="round")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out / "plot.png", dpi=100)
+    plt.close(fig)
