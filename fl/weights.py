@@ -25,6 +25,16 @@ def state_to_numpy(model: nn.Module, keys: Iterable[str] | None = None) -> Weigh
     return out
 
 
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype torch maps ``dtype`` to (cached: building a tensor per check showed up in profiles)."""
+    if dtype not in _NUMPY_DTYPES:
+        _NUMPY_DTYPES[dtype] = torch.empty((), dtype=dtype).numpy().dtype
+    return _NUMPY_DTYPES[dtype]
+
+
 def load_numpy(model: nn.Module, weights: Mapping[str, np.ndarray], strict_keys: bool = True) -> None:
     """Copy ``weights`` into the model in place, checking every name, shape and dtype first.
 
@@ -44,9 +54,12 @@ def load_numpy(model: nn.Module, weights: Mapping[str, np.ndarray], strict_keys:
         array = np.asarray(array)
         if tuple(array.shape) != tuple(target.shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}, model expects {tuple(target.shape)}")
-        expected = torch.empty((), dtype=target.dtype).numpy().dtype
+        expected = _numpy_dtype(target.dtype)
         if array.dtype != expected:
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}, model expects {expected}")
     with torch.no_grad():
         for name, array in weights.items():
-            state[name].copy_(torch.from_numpy(np.array(array, order="C")))
+            array = np.asarray(array)
+            if not (array.flags.c_contiguous and array.flags.writeable):
+                array = np.array(array, order="C")  # torch.from_numpy wants a writeable array; copy only then
+            state[name].copy_(torch.from_numpy(array))  # one copy, straight into the model's tensor

@@ -29,11 +29,15 @@ class BackgroundWriter:
         # A bounded queue: if the database falls far behind, training waits instead of holding every model.
         self._queue: queue.Queue[Any] = queue.Queue(max_pending)
         self._failure: BaseException | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
+        if self._closed:
+            future.set_exception(WriterFailed("the ledger writer is closed; reopen the ledger to write"))
+            return future
         if self._failure is not None:
             future.set_exception(WriterFailed(f"ledger writer stopped after an error: {self._failure}"))
             return future
@@ -41,12 +45,18 @@ class BackgroundWriter:
         return future
 
     def flush(self) -> None:
-        """Block until everything submitted so far is written; raise the first write error, if any."""
-        self.submit(lambda: None).result()
+        """Block until everything submitted so far is written; raise the first write error, if any. After
+        ``close`` everything was written already, and this returns at once."""
+        if not self._closed:
+            self.submit(lambda: None).result()
         if self._failure is not None:
             raise WriterFailed(f"ledger write failed: {self._failure}") from self._failure
 
     def close(self) -> None:
+        """Write what is queued, then stop the thread; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
 

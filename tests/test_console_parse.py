@@ -1,11 +1,14 @@
-"""The console's command parser: call and space forms, literal arguments only, nothing ever evaluated."""
+"""The console's command parser (call and space forms, literal arguments only, nothing ever evaluated) and its
+command table (names, aliases, quit)."""
 from __future__ import annotations
 
 import io
 
 import pytest
 
-from node.console.repl import Console, ConsoleError, parse_command, split_script
+from node.console.commands import ALIASES, COMMANDS, Quit, lookup
+from node.console.parse import ConsoleError, parse_command, split_script
+from node.console.repl import Console
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -95,3 +98,35 @@ def test_command_names_are_case_insensitive_and_trainfl_is_an_alias() -> None:
         assert console.run_command("help(\"getsn\")") is True
     assert out.getvalue().splitlines()[0].startswith("train: start or resume")
     assert out.getvalue().splitlines()[1].startswith("getSN: ")
+
+
+@pytest.mark.parametrize("name", ["getSN", "getsn", "GETSN", "GetSn"])
+def test_lookup_matches_names_case_insensitively(name: str) -> None:
+    assert lookup(name) == ("getSN", COMMANDS["getSN"])
+
+
+@pytest.mark.parametrize("alias, canonical", [("trainFL", "train"), ("TRAINFL", "train"), ("exit", "quit")])
+def test_lookup_resolves_aliases_to_their_command(alias: str, canonical: str) -> None:
+    assert lookup(alias) == (canonical, COMMANDS[canonical])
+
+
+def test_every_alias_names_a_command() -> None:
+    assert all(lookup(alias)[0].lower() == target for alias, target in ALIASES.items())
+
+
+def test_lookup_of_an_unknown_name_is_a_one_line_console_error() -> None:
+    with pytest.raises(ConsoleError, match=r"^unknown command 'bogus'; type help$"):
+        lookup("bogus")
+
+
+@pytest.mark.parametrize("line", ["quit()", "exit", "EXIT()"])
+def test_quit_and_exit_raise_quit_without_a_node(line: str) -> None:
+    with Console("127.0.0.1:1", out=io.StringIO()) as console, pytest.raises(Quit):
+        console.run_command(line)
+
+
+def test_a_script_stops_at_quit() -> None:
+    out = io.StringIO()
+    with Console("127.0.0.1:1", out=out) as console:
+        code = console.run_script("help('train'); quit(); bogus()")
+    assert code == 0 and "unknown command" not in out.getvalue()

@@ -4,17 +4,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fl.data import Dataset, load_dataset
-from fl.models import build_model, split_keys
 from fl.aggregate import Accumulator, weighted_average
+from fl.data import Dataset, load_dataset
 from fl.local import InProcessParticipant, Workbench
-from fl.participant import EvalRes, FitIns, FitRes
+from fl.models import build_model, split_keys
+from fl.participant import EvalRes, FitIns, FitRes, Participant
 from fl.partition import local_split, partition
 from fl.server import RoundFailed, evaluate_personalised, run_round
 from fl.strategy import FedAvg, make_strategy
@@ -84,7 +85,7 @@ def test_fedper_shares_only_base_keys_and_keeps_personal_layers(mnist: Dataset) 
     base, personal = split_keys(bench.model)
     returned: list[list[str]] = []
 
-    def record_keys(p, res: FitRes) -> None:   # the check hook sees each result before its weights are folded
+    def record_keys(p: Participant, res: FitRes) -> None:   # sees each result before its weights are dropped
         returned.append(sorted(res.weights))
 
     outcome = run_round(1, participants, {k: initial[k] for k in shared}, lambda i, p: strategy.fit_ins(1, i),
@@ -137,7 +138,8 @@ class Constant:
         self.participant_id, self.value, self.shape, self.samples = participant_id, value, shape, samples
 
     def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
-        return FitRes({"w": np.full(self.shape, self.value, np.float32)}, self.samples, {}, receipt=f"r-{self.participant_id}")
+        return FitRes({"w": np.full(self.shape, self.value, np.float32)}, self.samples, {},
+                      receipt=f"r-{self.participant_id}")
 
     def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
         return EvalRes(0.0, self.value, 1)
@@ -167,8 +169,8 @@ GLOBAL = {"w": np.zeros(3, np.float32)}
 def test_failing_participant_is_recorded_and_round_completes(mnist: Dataset) -> None:
     strategy = make_strategy("fedavg", seed=0, batch_size=16)
     _, initial, _, participants = make_federation(mnist, strategy, clients=2)
-    with_broken = run_round(1, [participants[0], Broken(), participants[1]], initial, lambda i, p: strategy.fit_ins(1, i),
-                            strategy.aggregator())
+    with_broken = run_round(1, [participants[0], Broken(), participants[1]], initial,
+                            lambda i, p: strategy.fit_ins(1, i), strategy.aggregator())
     assert with_broken.failures == [("broken", "RuntimeError: disk on fire")]
     assert [pid for pid, _ in with_broken.results] == ["c0", "c1"]
     without = run_round(1, participants, initial, lambda i, p: strategy.fit_ins(1, [0, 2][i]), strategy.aggregator())
@@ -213,7 +215,7 @@ def test_results_keep_receipt_and_samples_but_drop_weights() -> None:
 def test_check_sees_each_result_with_its_weights_before_they_are_dropped() -> None:
     seen: list[tuple[str, object, list[float]]] = []
 
-    def check(p, res: FitRes) -> None:
+    def check(p: Participant, res: FitRes) -> None:
         seen.append((p.participant_id, res.receipt, res.weights["w"].tolist()))
 
     run_round(1, [Constant("a", 1.0), Constant("b", 2.0)], GLOBAL, lambda i, p: INS, Accumulator(), check=check)
@@ -222,7 +224,7 @@ def test_check_sees_each_result_with_its_weights_before_they_are_dropped() -> No
 
 
 def test_result_refused_by_check_is_a_failure_and_not_folded() -> None:
-    def check(p, res: FitRes) -> None:
+    def check(p: Participant, res: FitRes) -> None:
         if res.receipt == "r-bad":
             raise ValueError("receipt does not match")
 
@@ -235,7 +237,7 @@ def test_result_refused_by_check_is_a_failure_and_not_folded() -> None:
 
 
 def test_all_results_refused_by_check_raises_round_failed() -> None:
-    def refuse(p, res: FitRes) -> None:
+    def refuse(p: Participant, res: FitRes) -> None:
         raise ValueError("receipt does not match")
 
     with pytest.raises(RoundFailed, match="receipt does not match"):
@@ -246,11 +248,11 @@ def test_round_folds_with_the_aggregator_it_is_given() -> None:
     class Last(Accumulator):
         """Keeps only the last result, to tell it from the default average."""
 
-        def add(self, weights, samples) -> None:
+        def add(self, weights: Mapping[str, np.ndarray], samples: int) -> None:
             self.last = dict(weights)
             super().add(weights, samples)
 
-        def result(self):
+        def result(self) -> dict[str, np.ndarray]:
             return self.last
 
     outcome = run_round(1, [Constant("a", 1.0), Constant("b", 3.0)], GLOBAL, lambda i, p: INS, Last())
@@ -284,7 +286,7 @@ def test_select_draws_depend_on_the_seed() -> None:
 def test_combine_of_a_single_aggregate_returns_exactly_its_bits() -> None:
     rng = np.random.default_rng(0)
     # float64 values that a weighted average (x * 3 / 3) would not reproduce bit for bit
-    aggregate = {"a": rng.standard_normal(100), "b": rng.standard_normal(7).astype(np.float32),
+    aggregate: dict[str, np.ndarray] = {"a": rng.standard_normal(100), "b": rng.standard_normal(7).astype(np.float32),
                  "n": np.array([5], np.int64)}
 
     combined = FedAvg().combine([(aggregate, 3)])
@@ -296,8 +298,9 @@ def test_combine_of_a_single_aggregate_returns_exactly_its_bits() -> None:
 
 def test_combine_of_several_aggregates_is_their_weighted_average() -> None:
     rng = np.random.default_rng(1)
-    aggregates = [({"a": rng.standard_normal(100), "b": rng.standard_normal(7).astype(np.float32),
-                    "n": np.array([n], np.int64)}, samples) for n, samples in ((5, 3), (9, 10), (2, 1))]
+    aggregates: list[tuple[Mapping[str, np.ndarray], int]] = [
+        ({"a": rng.standard_normal(100), "b": rng.standard_normal(7).astype(np.float32), "n": np.array([n], np.int64)},
+         samples) for n, samples in ((5, 3), (9, 10), (2, 1))]
 
     combined = FedAvg().combine(aggregates)
 
@@ -324,7 +327,7 @@ def test_unknown_strategy_names_the_choices() -> None:
 
 
 def test_fl_reproduces_the_plain_pytorch_baseline(mnist: Dataset, capsys: pytest.CaptureFixture[str]) -> None:
-    """One round of W1 through fl/ must reach exactly the accuracy of bench/plain_fedavg.py (same recipes, same seed)."""
+    """One round of W1 through fl/ reaches exactly the accuracy of bench/plain_fedavg.py (same recipes and seed)."""
     spec = importlib.util.spec_from_file_location("plain_fedavg", ROOT / "bench" / "plain_fedavg.py")
     plain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plain)
@@ -337,7 +340,8 @@ def test_fl_reproduces_the_plain_pytorch_baseline(mnist: Dataset, capsys: pytest
     global_weights = state_to_numpy(bench.model)
     parts = partition(mnist.train_y.numpy(), 10, "iid", 0)
     keys = strategy.shared_keys(bench.model)
-    participants = [InProcessParticipant(f"c{i}", mnist, p, np.array([], np.int64), bench, keys) for i, p in enumerate(parts)]
+    participants = [InProcessParticipant(f"c{i}", mnist, p, np.array([], np.int64), bench, keys)
+                    for i, p in enumerate(parts)]
     outcome = run_round(1, participants, global_weights, lambda i, p: strategy.fit_ins(1, i), strategy.aggregator())
     load_numpy(bench.model, outcome.weights)
     from fl.train import evaluate

@@ -10,14 +10,20 @@ import torch
 
 from chain.keys import NodeKey
 from chain.tensors import model_hash
+from node.engine.receipts import check_receipt
 from fl.data import Dataset
 from fl.models import build_model
 from fl.participant import FitIns
 from fl.local import InProcessParticipant, Workbench
+from fl.aggregate import Accumulator
 from fl.server import run_round
+from node.engine.edge import EdgeTrainer, LocalEdges
+from node.engine.types import Base, EdgeRef
+from node.engine.views import MemberView
+from node.process.edge import SERVICE
 from node.rpc import transport
-from node.process.edge import SERVICE, EdgeServicer
 from node.rpc.clients import GrpcParticipant, RemoteError
+from node.rpc.services import EdgeServicer
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import FitRequest as FitRequestMsg
 
@@ -53,8 +59,9 @@ def edges() -> Iterator[list[tuple[NodeKey, str]]]:
         key = NodeKey.from_seed(f"edge-{i}".encode())
         server, port = transport.create_server("127.0.0.1:0", max_workers=4, services=[SERVICE])
         address = f"127.0.0.1:{port}"
+        info = MemberView(key.node_id, key.public_hex, address, "edge", True, samples=40, share=i)
         fledger_pb2_grpc.add_EdgeNodeServicer_to_server(
-            EdgeServicer(participant(key.node_id, i), key, address, samples=40), server)
+            EdgeServicer(EdgeTrainer(participant(key.node_id, i), key, share=i), info), server)
         server.start()
         servers.append(server)
         out.append((key, address))
@@ -63,10 +70,14 @@ def edges() -> Iterator[list[tuple[NodeKey, str]]]:
         server.stop(None)
 
 
+def base() -> Base:
+    return Base(0, None, initial_weights())
+
+
 def test_fit_returns_weights_with_a_checked_signed_receipt(edges) -> None:
     key, address = edges[0]
     weights = initial_weights()
-    proxy = GrpcParticipant(key.node_id, address)
+    proxy = GrpcParticipant(key.node_id, address, Base(0, None, weights))
 
     res = proxy.fit(weights, INS)
     rec = res.receipt.check()
@@ -81,29 +92,36 @@ def test_fit_returns_weights_with_a_checked_signed_receipt(edges) -> None:
 def test_receipt_from_another_node_is_rejected(edges) -> None:
     _, address = edges[0]
     impostor_id = NodeKey.from_seed(b"someone-else").node_id
+    weights = base()
 
-    with pytest.raises(RemoteError, match="signed by"):
-        GrpcParticipant(impostor_id, address).fit(initial_weights(), INS)
+    res = GrpcParticipant(impostor_id, address, weights).fit(weights.weights, INS)
+
+    with pytest.raises(ValueError, match="signed by"):
+        check_receipt(res, 1, weights.model_hash, impostor_id)
 
 
-def test_run_round_over_grpc_equals_run_round_in_process(edges) -> None:
-    weights = initial_weights()
-    remote = [GrpcParticipant(key.node_id, address) for key, address in edges]
-    local = [participant(key.node_id, i) for i, (key, _) in enumerate(edges)]
+def test_run_round_over_grpc_equals_run_round_with_in_process_edges(edges) -> None:
+    model = base()
+    remote = [GrpcParticipant(key.node_id, address, model) for key, address in edges]
+    trainers = [EdgeTrainer(participant(key.node_id, i), key, share=i) for i, (key, _) in enumerate(edges)]
+    directory = LocalEdges(trainers)
+    local = [directory.connect(EdgeRef(t.node_id, "", t.share), model) for t in trainers]
 
-    over_grpc = run_round(1, remote, weights, lambda i, p: INS)
-    in_process = run_round(1, local, weights, lambda i, p: INS)
+    over_grpc = run_round(1, remote, model.weights, lambda i, p: INS, Accumulator())
+    in_process = run_round(1, local, model.weights, lambda i, p: INS, Accumulator())
 
     assert model_hash(over_grpc.weights) == model_hash(in_process.weights)
     assert over_grpc.total_samples == in_process.total_samples == 80
-    assert all(res.receipt is not None for _, res in over_grpc.results)
+    assert [res.receipt for _, res in over_grpc.results] == [res.receipt for _, res in in_process.results]
 
 
 def test_unreachable_edge_is_a_round_failure_not_an_exception(edges) -> None:
     key, address = edges[0]
-    dead = GrpcParticipant(NodeKey.from_seed(b"dead").node_id, "127.0.0.1:1")
+    model = base()
+    dead = GrpcParticipant(NodeKey.from_seed(b"dead").node_id, "127.0.0.1:1", model)
 
-    outcome = run_round(1, [GrpcParticipant(key.node_id, address), dead], initial_weights(), lambda i, p: INS)
+    outcome = run_round(1, [GrpcParticipant(key.node_id, address, model), dead], model.weights, lambda i, p: INS,
+                        Accumulator())
 
     assert len(outcome.results) == 1 and outcome.failures[0][0] == dead.participant_id
     assert "UNAVAILABLE" in outcome.failures[0][1]
@@ -123,14 +141,23 @@ def test_fit_stream_without_fit_ins_is_invalid_argument(edges) -> None:
 
 def test_weights_for_another_model_are_invalid_argument(edges) -> None:
     key, address = edges[1]
+    other = Base(0, None, {"x": np.zeros(3, dtype=np.float32)})
 
     with pytest.raises(RemoteError, match="INVALID_ARGUMENT.*cannot evaluate"):
-        GrpcParticipant(key.node_id, address).evaluate({"x": np.zeros(3, dtype=np.float32)})
+        GrpcParticipant(key.node_id, address, other).evaluate(other.weights)
+
+
+def test_a_remote_edge_trains_only_from_the_base_it_was_connected_with(edges) -> None:
+    key, address = edges[1]
+
+    with pytest.raises(ValueError, match="base model"):
+        GrpcParticipant(key.node_id, address, base()).fit({"x": np.zeros(3, dtype=np.float32)}, INS)
 
 
 def test_evaluate_over_grpc(edges) -> None:
     key, address = edges[1]
+    model = base()
 
-    res = GrpcParticipant(key.node_id, address).evaluate(initial_weights())
+    res = GrpcParticipant(key.node_id, address, model).evaluate(model.weights)
 
     assert res.samples == 8 and 0.0 <= res.accuracy <= 1.0

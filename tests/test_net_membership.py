@@ -12,27 +12,45 @@ import pytest
 
 from chain.keys import NodeKey
 from config import Config, ConfigError, load_config
+from fl.weights import state_to_numpy
 from fl.participant import FitIns
-from node.rpc import transport
-from node.process.edge import PERSONAL_FILE, EdgeHost, EdgeNode
-from node.process.launch import build_node
+from node.engine.edge import PERSONAL_FILE, EdgeTrainer
+from node.engine.types import Base
+from node.engine.views import MemberView
 from node.ledger import Ledger
-from node.rpc.clients import GrpcParticipant
+from node.process.edge import EdgeHost, EdgeNode
+from node.process.launch import build_node
 from node.process.supernode import SuperNode
-from proto import fledger_pb2_grpc
-from proto.fledger_pb2 import Empty as EmptyMsg
+from node.rpc.clients import AdminClient, GrpcParticipant
 
 from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BEAT = 0.2
+MISSED_BEATS = 15   # dropped after 3 s of silence: long enough that a busy test process does not flap members
+
+
+class Idle:
+    """A participant that is never asked to train (membership tests)."""
+
+    participant_id = "idle"
+    num_train_samples = 0
+    personal_keys = ()
 
 
 def make_sn(root: Path, name: str, entry: str | None = None) -> SuperNode:
     key = NodeKey.from_seed(name.encode())
-    sn = SuperNode(key, Ledger.open(root / name, key=key), "127.0.0.1:0", entry=entry, heartbeat_interval=BEAT)
+    sn = SuperNode(Ledger.open(root / name, key=key), "127.0.0.1:0", Config(data_root=str(root / name)), entry=entry,
+                   heartbeat_interval=BEAT, missed_beats=MISSED_BEATS, genesis=False)
     sn.start()
     return sn
+
+
+def idle_edge(seed: bytes, entry: str, share: int | None = None) -> EdgeNode:
+    trainer = EdgeTrainer(Idle(), NodeKey.from_seed(seed), share=share)  # type: ignore[arg-type]
+    edge = EdgeNode(trainer, "127.0.0.1:0", entry, heartbeat_interval=BEAT)
+    edge.start()
+    return edge
 
 
 def stop(*nodes) -> None:
@@ -42,13 +60,13 @@ def stop(*nodes) -> None:
             node.ledger.close()
 
 
-def view(sn: SuperNode) -> list:
-    with transport.open_channel(sn.address) as channel:
-        return list(fledger_pb2_grpc.AdminStub(channel).ListNodes(EmptyMsg(), timeout=10).members)
+def view(sn: SuperNode) -> list[MemberView]:
+    with AdminClient(sn.address) as admin:
+        return admin.nodes()
 
 
-def by_id(members) -> dict:
-    return {m.info.node_id: m for m in members}
+def by_id(members: list[MemberView]) -> dict[str, MemberView]:
+    return {m.node_id: m for m in members}
 
 
 def test_get_sn_lists_every_super_node_with_its_edges_and_shows_the_dead(tmp_path) -> None:
@@ -58,13 +76,9 @@ def test_get_sn_lists_every_super_node_with_its_edges_and_shows_the_dead(tmp_pat
     try:
         assert wait_until(lambda: len(entry.registry) == 2)
         for i in range(2):
-            edge = EdgeNode(NodeKey.from_seed(f"en{i}".encode()), participant=None, listen="127.0.0.1:0",
-                            entry=entry.address, heartbeat_interval=BEAT, partition_index=i)
-            edge.start()
-            edges.append(edge)
+            edges.append(idle_edge(f"en{i}".encode(), entry.address, share=i))
         assert wait_until(lambda: len(entry.edges) == 1 and len(other.edges) == 1)
-        parent = {e.key.node_id: (entry if entry.edges.members()[0].node_id == e.key.node_id else other)
-                  for e in edges}
+        parent = {edges[0].key.node_id: entry, edges[1].key.node_id: other}   # share i -> super node i mod 2
 
         for sn in (entry, other):    # the same network seen from the entry and from a plain SN
             members = by_id(view(sn))
@@ -72,7 +86,7 @@ def test_get_sn_lists_every_super_node_with_its_edges_and_shows_the_dead(tmp_pat
             for e in edges:
                 row = members[e.key.node_id]
                 assert row.role == "edge" and row.alive and row.parent_id == parent[e.key.node_id].key.node_id
-                assert row.info.partition_index == edges.index(e) and row.silent_s < 5
+                assert row.share == edges.index(e) and row.silent_s < 5
 
         stop(edges[0])
         dead_parent = parent[edges[0].key.node_id]
@@ -95,10 +109,7 @@ def test_an_edge_whose_super_node_dies_is_listed_under_a_live_one(tmp_path) -> N
     edge = None
     try:
         assert wait_until(lambda: len(entry.registry) == 2)
-        entry.registry.heartbeat(entry.key.node_id, load=5)     # the entry looks busy: the edge goes to `other`
-        edge = EdgeNode(NodeKey.from_seed(b"en"), participant=None, listen="127.0.0.1:0", entry=entry.address,
-                        heartbeat_interval=BEAT)
-        edge.start()
+        edge = idle_edge(b"en", entry.address, share=1)     # share 1 of 2 super nodes: `other`
         assert wait_until(lambda: len(other.edges) == 1)
 
         stop(other)
@@ -126,11 +137,11 @@ def test_hosted_edge_nodes_each_register_with_their_own_key_port_and_share(tmp_p
         assert isinstance(host, EdgeHost) and len(host.nodes) == 3
         assert wait_until(lambda: len(entry.edges) == 3, timeout=15)
         members = [m for m in view(entry) if m.role == "edge"]
-        assert sorted(m.info.partition_index for m in members) == [1, 2, 3]
-        assert len({m.info.address for m in members}) == 3 and len({m.info.node_id for m in members}) == 3
+        assert sorted(m.share for m in members if m.share is not None) == [1, 2, 3]
+        assert len({m.address for m in members}) == 3 and len({m.node_id for m in members}) == 3
         assert all((tmp_path / "host" / f"edge-{i}" / "node.key").exists() for i in (1, 2, 3))
         # Their data shares are distinct, as the simulator's clients 1..3 of 4 are.
-        shares = [set(n.servicer.participant._train_idx.tolist()) for n in host.nodes]
+        shares = [set(n.trainer.participant.train_indices.tolist()) for n in host.nodes]
         assert not (shares[0] & shares[1]) and not (shares[1] & shares[2])
     finally:
         stop(host, entry)
@@ -146,10 +157,11 @@ def test_a_fedper_edge_node_restarted_on_its_data_root_keeps_its_personal_layers
     node = build_node(cfg)
     node.start()
     try:
-        participant = node.servicer.participant
+        participant = node.trainer.participant
         initial = participant.personal_state()
-        weights = {k: v for k, v in _full_state(participant).items() if k in participant.shared_keys}
-        proxy = GrpcParticipant(node.key.node_id, node.address)
+        weights = {k: v for k, v in state_to_numpy(participant.workbench.model).items()
+                   if k in participant.shared_keys}
+        proxy = GrpcParticipant(node.key.node_id, node.address, Base(0, None, weights))
         proxy.fit(weights, FitIns(round=1, epochs=1, batch_size=32, lr=0.05, momentum=0.0, seed=1))
         proxy.close()
         trained = participant.personal_state()
@@ -158,7 +170,7 @@ def test_a_fedper_edge_node_restarted_on_its_data_root_keeps_its_personal_layers
     assert any(not np.array_equal(trained[k], initial[k]) for k in trained)
 
     again = build_node(cfg)
-    restored = again.servicer.participant.personal_state()
+    restored = again.trainer.participant.personal_state()
 
     assert again.key.node_id == node.key.node_id
     assert set(restored) == set(trained) and all(np.array_equal(restored[k], trained[k]) for k in trained)
@@ -169,7 +181,7 @@ def test_a_corrupt_personal_layers_file_stops_the_edge_node_with_its_name(tmp_pa
     (tmp_path / "en").mkdir()
     (tmp_path / "en" / PERSONAL_FILE).write_bytes(b"not a weights blob")
 
-    with pytest.raises(ValueError, match="delete the file"):
+    with pytest.raises(ConfigError, match="delete the file"):
         build_node(cfg)
 
 
@@ -180,10 +192,6 @@ def test_the_advertised_port_is_the_address_peers_get(tmp_path) -> None:
         assert node.address == "10.0.0.5:9100" and node.port != 9100
     finally:
         node.server.stop(None)
-    with pytest.raises(ValueError, match="HOST:PORT"):
+    with pytest.raises(ConfigError, match="HOST:PORT"):
         build_node(dataclasses.replace(cfg, advertise="10.0.0.5"))
 
-
-def _full_state(participant) -> dict[str, np.ndarray]:
-    from fl.weights import state_to_numpy
-    return state_to_numpy(participant._bench.model)

@@ -1,12 +1,14 @@
 """Chunked weight transfer over a real loopback gRPC server: big models, malformed streams, health."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterable, Iterator
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chain.tensors import encode_weights, model_hash
 from node.rpc import transport
@@ -20,7 +22,7 @@ from proto.fledger_pb2 import WeightsChunk as WeightsChunkMsg
 
 
 class EchoEdge(fledger_pb2_grpc.EdgeNodeServicer):
-    """Fit echoes the received weights back; Evaluate reports the received blob size as 'samples'."""
+    """Fit echoes the received weights back; Evaluate reports the size of the received blob as 'samples'."""
 
     @transport.guarded_stream
     def Fit(self, request_iterator, context) -> Iterator[FitReplyMsg]:
@@ -31,8 +33,8 @@ class EchoEdge(fledger_pb2_grpc.EdgeNodeServicer):
 
     @transport.guarded
     def Evaluate(self, request_iterator, context) -> EvalReplyMsg:
-        _, blob = transport.receive_weights(request_iterator)
-        return EvalReplyMsg(samples=len(blob))
+        weights, _ = transport.receive_weights(request_iterator)
+        return EvalReplyMsg(samples=len(encode_weights(weights)))
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +70,58 @@ def test_chunks_stay_under_the_message_limit_and_carry_hash_only_first() -> None
 def test_receive_weights_round_trips_locally() -> None:
     weights = small_weights()
 
-    got, blob = transport.receive_weights(transport.send_weights(weights, chunk_size=7))
+    got, _ = transport.receive_weights(transport.send_weights(weights, chunk_size=7))
 
-    assert model_hash(got) == model_hash(weights) and blob == encode_weights(weights)
+    assert sorted(got) == sorted(weights)
+    assert all(got[k].dtype == weights[k].dtype and got[k].tobytes() == weights[k].tobytes() for k in weights)
+
+
+def test_receive_weights_returns_the_model_hash() -> None:
+    weights = small_weights()
+
+    _, digest = transport.receive_weights(transport.send_weights(weights, chunk_size=7))
+
+    assert digest == model_hash(weights)
+
+
+def assembled(chunks: Iterable[WeightsChunkMsg]) -> transport.WeightsAssembler:
+    assembler = transport.WeightsAssembler()
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler
+
+
+def test_finish_blob_returns_the_sent_bytes() -> None:
+    assembler = assembled(transport.send_weights(small_weights(), chunk_size=7))
+
+    assert assembler.finish_blob() == encode_weights(small_weights())
+
+
+def test_finish_blob_checks_the_size_only() -> None:
+    blob = b"not a weight blob at all"
+    assembler = assembled(transport.blob_chunks(blob, "ab" * 32, chunk_size=5))
+
+    assert assembler.finish_blob() == blob
+
+
+def test_finish_blob_of_a_short_transfer_is_bad_request() -> None:
+    chunks = list(transport.send_weights(small_weights(), chunk_size=16))
+    assembler = assembled(chunks[:-1])
+
+    with pytest.raises(transport.errors.BadRequestError, match="announced bytes"):
+        assembler.finish_blob()
+
+
+def test_finish_blob_without_any_chunk_is_bad_request() -> None:
+    with pytest.raises(transport.errors.BadRequestError, match="no weights were sent"):
+        transport.WeightsAssembler().finish_blob()
+
+
+def test_finish_with_a_hash_mismatch_is_bad_request() -> None:
+    assembler = assembled(transport.blob_chunks(encode_weights(small_weights()), "ab" * 32))
+
+    with pytest.raises(transport.errors.BadRequestError, match="hash mismatch"):
+        assembler.finish()
 
 
 def test_100mb_model_streams_both_ways_with_the_same_hash(stub) -> None:
@@ -151,3 +202,30 @@ def test_health_service_reports_serving(address: str) -> None:
         edge = health.Check(health_pb2.HealthCheckRequest(service="fledger.v1.EdgeNode"), timeout=5)
 
     assert overall.status == edge.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_probe_health_of_a_serving_node_is_true(address: str) -> None:
+    assert transport.probe_health(address, timeout=5) is True
+
+
+def test_probe_health_of_a_closed_port_is_false() -> None:
+    with socket.socket() as sock:   # a port that was free a moment ago, with nothing listening on it now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    assert transport.probe_health(f"127.0.0.1:{port}", timeout=1) is False
+
+
+def test_probe_health_of_a_node_not_serving_is_false() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    status = health.HealthServicer()
+    status.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(status, server)
+    server.start()
+    try:
+        serving = transport.probe_health(f"127.0.0.1:{port}", timeout=5)
+    finally:
+        server.stop(None)
+
+    assert serving is False

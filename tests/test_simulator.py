@@ -8,9 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from chain.keys import NodeKey
 from chain.verify import verify_chain
 from config import Config
+from node.ledger import KEY_FILE
 from node.sim.simulator import ResumeMismatch, simulate
 from storage.store import LedgerStore
 
@@ -95,6 +98,67 @@ def test_fedper_beats_fedavg_on_personalised_accuracy_with_two_classes_per_clien
     assert metrics["personal_accuracy_mean_bp"] > avg_metrics["personal_accuracy_mean_bp"]
 
 
+# Head hashes the simulator gave before the round engine was shared with the network (commit 7dc37fe), for the node
+# key of seed b"fledger-regression", 4 clients, 2 rounds, the default CNN, 1 torch thread, --reproducible.
+BEFORE_THE_ENGINE = {
+    ("fedavg", 1.0): "53b06972cb72c9d8cf125c1d87d54057f27cbb57de5d595122088afcaa9a5142",
+    ("fedper", 1.0): "b0b0398d886ad31c34818a9b1440273c3617fb1e0daf2be07d1f4fb7387a3072",
+    ("fedavg", 0.5): "367d806827e07b289bf88a39692f25ac3a085f251a554a37386ef9fe4546122c",
+}
+
+
+def write_key(root: Path, seed: bytes) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    pem = NodeKey.from_seed(seed).private.private_bytes(serialization.Encoding.PEM,
+                                                        serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption())
+    (root / KEY_FILE).write_bytes(pem)
+    (root / KEY_FILE).chmod(0o600)
+
+
+@pytest.mark.parametrize("algo, fraction", sorted(BEFORE_THE_ENGINE))
+def test_one_super_node_keeps_the_head_hash_the_simulator_gave_before_the_engine(tmp_path, algo, fraction):
+    write_key(tmp_path, b"fledger-regression")
+    cfg = Config(clients=4, rounds=2, algo=algo, fraction=fraction, threads=1, reproducible=True,
+                 data_root=str(tmp_path))
+
+    result = run(cfg, fresh=True)
+
+    assert result["head_hash"] == BEFORE_THE_ENGINE[(algo, fraction)]
+
+
+def test_two_simulated_super_nodes_each_store_every_block_with_both_cosignatures(tmp_path):
+    cfg = replace(SMALL, data_root=str(tmp_path))
+
+    result = run(cfg, super_nodes=2)
+
+    urls = [f"sqlite:///{tmp_path / 'ledger.db'}", f"sqlite:///{tmp_path / 'sn1' / 'ledger.db'}"]
+    assert result["heads"] == [result["head_hash"]] * 2
+    for url in urls:
+        store = LedgerStore(url)
+        try:
+            assert verify_chain(store).head_hash == result["head_hash"]
+            assert [len(store.cosignatures(h)) for h in (1, 2)] == [2, 2]
+        finally:
+            store.close()
+
+
+def test_two_super_nodes_aggregate_in_two_levels_so_the_models_differ_from_one(tmp_path):
+    one = run(replace(SMALL, data_root=str(tmp_path / "one")))
+    two = run(replace(SMALL, data_root=str(tmp_path / "two")), super_nodes=2)
+
+    assert block_model_hashes(one["db"])[0] == block_model_hashes(two["db"])[0]
+    # averages of float32 averages round differently from one flat average
+    assert block_model_hashes(one["db"])[1:] != block_model_hashes(two["db"])[1:]
+
+
+def test_resuming_two_super_nodes_with_one_is_refused(tmp_path):
+    cfg = replace(SMALL, rounds=1, data_root=str(tmp_path))
+    run(cfg, super_nodes=2)
+    with pytest.raises(ResumeMismatch, match="super_nodes"):
+        run(replace(cfg, rounds=2))
+
+
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
@@ -108,6 +172,8 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     (["--partition", "dirichlet", "--alpha", "0"], "alpha"),
     (["--data-dir", "{tmp}/empty"], "--data-dir"),
     (["--db", "mysql+pymysql://root:@127.0.0.1:1/nope"], "MySQL"),
+    (["--sn", "0"], "--sn"),
+    (["--sn", "5", "--clients", "4"], "--sn"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needle):
     (tmp_path / "empty").mkdir()

@@ -10,9 +10,7 @@ from node.engine.errors import NetError, NotFoundError, UnavailableError
 from node.engine.views import MemberView
 from node.rpc import transport
 from node.rpc.clients import RegistryClient
-from node.rpc.services import EdgeServicer
-from proto import fledger_pb2_grpc
-from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
+from node.rpc.services import add_edge_service
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +30,7 @@ class EdgeNode:
         self.address = f"{advertise_host}:{advertise_port or self.port}"
         self.info = MemberView(self.key.node_id, self.key.public_hex, self.address, "edge", True,
                                samples=trainer.samples, share=trainer.share)
-        info_msg = NodeInfoMsg(node_id=self.key.node_id, public_key=self.key.public_hex, address=self.address,
-                               samples=trainer.samples, partition_index=trainer.share)
-        fledger_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(trainer, info_msg), self.server)
+        add_edge_service(self.server, trainer, self.info)
         self.registry = RegistryClient(entry)
         self.supernode: str | None = None   # address of the super node this edge node is registered with
         self._stop = threading.Event()

@@ -22,9 +22,8 @@ from node.engine.views import BlockView, EdgeEval, EvalReport, MemberView, NodeS
 from node.ledger import Ledger
 from node.rpc import transport
 from node.rpc.clients import AnyEdges, GrpcPeer, RegistryClient, RemoteEdges
-from node.rpc.services import AdminServicer, RegistryServicer, SuperNodeServicer
+from node.rpc.services import add_supernode_services
 from node.run import RunContext
-from proto import fledger_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +56,7 @@ class SuperNode:
             self.coordinator = Coordinator(self.ctx, self.core, self.peers, AnyEdges())
             self.jobs = TrainingJobs(self.coordinator, cfg.rounds)
         self._make_genesis = genesis and entry is None
-        fledger_pb2_grpc.add_SuperNodeServicer_to_server(SuperNodeServicer(self.core, self.edges), self.server)
-        fledger_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), self.server)
-        if self.registry is not None:
-            fledger_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry, self.key.node_id),
-                                                            self.server)
+        add_supernode_services(self.server, self.core, self.edges, self, self.registry)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._membership_loop, name="sn-heartbeat", daemon=True)
         self._registered = False

@@ -11,7 +11,7 @@ from node.engine.edge import EdgeTrainer
 from node.engine.errors import BadRequestError
 from node.engine.membership import Membership, SuperNodeRegistry
 from node.engine.supernode import SuperNodeCore
-from node.engine.views import AdminBackend
+from node.engine.views import AdminBackend, MemberView
 from node.rpc import serde, transport
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import BlockView as BlockViewMsg
@@ -178,7 +178,7 @@ class AdminServicer(fledger_pb2_grpc.AdminServicer):
 class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
     """An edge node's training and evaluation over its EdgeTrainer."""
 
-    def __init__(self, trainer: EdgeTrainer, info: NodeInfoMsg):
+    def __init__(self, trainer: EdgeTrainer, info: MemberView):
         self.trainer = trainer
         self.info = info
 
@@ -202,7 +202,7 @@ class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
         return serde.eval_to_msg(self.trainer.evaluate(weights))
 
     def Info(self, request: Any, context: Context) -> NodeInfoMsg:
-        return self.info
+        return serde.view_to_msg(self.info).info
 
 
 def _weights_only(requests: Iterator[Any]) -> Iterator[WeightsChunkMsg]:
@@ -210,3 +210,17 @@ def _weights_only(requests: Iterator[Any]) -> Iterator[WeightsChunkMsg]:
         if request.WhichOneof("part") != "weights":
             raise BadRequestError("after FitIns a Fit stream may only carry weights chunks")
         yield request.weights
+
+
+def add_supernode_services(server: Any, core: SuperNodeCore, edges: Membership, admin: AdminBackend,
+                           registry: SuperNodeRegistry | None = None) -> None:
+    """Serve a super node: SuperNode and Admin, and Registry when it is the entry."""
+    fledger_pb2_grpc.add_SuperNodeServicer_to_server(SuperNodeServicer(core, edges), server)
+    fledger_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
+    if registry is not None:
+        fledger_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, core.node_id), server)
+
+
+def add_edge_service(server: Any, trainer: EdgeTrainer, info: MemberView) -> None:
+    """Serve an edge node's EdgeNode service."""
+    fledger_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(trainer, info), server)
