@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 ENV_PREFIX = "FLEDGER_"
 # FLEDGER_* variables that configure the test harness (see tests/conftest.py), not a node: never settings.
@@ -194,7 +195,8 @@ def validate(cfg: Config) -> Config:
         ("port", 0 <= cfg.port <= 65535, "a port number"),
         ("partition_index", 0 <= cfg.partition_index < max(cfg.partition_count, 1),
          "in 0..partition_count-1"),
-        ("hosted_edges", cfg.hosted_edges >= 1 and cfg.partition_index + cfg.hosted_edges <= max(cfg.partition_count, 1),
+        ("hosted_edges", cfg.hosted_edges >= 1
+         and cfg.partition_index + cfg.hosted_edges <= max(cfg.partition_count, 1),
          "at least 1, with partition_index + hosted_edges <= partition_count"),
         ("device", cfg.device in ("cpu", "cuda", "auto"), "cpu, cuda or auto"),
     ]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_simulate import run   # bench/ is on sys.path when run as a script
+from bench_simulate import run  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MYSQL = "mysql+pymysql://root:@127.0.0.1:3306/fledger_bench_net?charset=utf8mb4"
@@ -87,7 +87,8 @@ def main() -> int:
             fifty_runs.append((timing["round_s"], per_en, sum(edges.values()), max(edges.values())))
             print(f"run {i + 1} fifty        process {wall:6.2f} s  round {timing['round_s']:.2f} s  "
                   f"{len(edges)} EN processes, peak RSS {' '.join(f'{v:.0f}' for v in edges.values())} MiB "
-                  f"-> {per_en:.1f} MiB per EN; SNs {out['peak_rss_mib']['sn0']:.0f}/{out['peak_rss_mib']['sn1']:.0f} MiB",
+                  f"-> {per_en:.1f} MiB per EN; SNs {out['peak_rss_mib']['sn0']:.0f}/"
+                  f"{out['peak_rss_mib']['sn1']:.0f} MiB",
                   flush=True)
 
     print(f"\nmedians over {args.repeat} runs (each run: median of rounds 2..{args.rounds}):")

@@ -45,7 +45,9 @@ def main() -> int:
           "--threads", "2", "--fresh", "--no-progress", "--json"]
     variants = {
         "plain": [sys.executable, "bench/plain_fedavg.py", "--rounds", str(args.rounds), "--json"],
-        "sqlite": [sys.executable, "main.py", "simulate", *w1, "--data-root", str(work / "sqlite")],
+        # {i}: every run gets an empty data root, as the first one does; with a reused root, --fresh would also time
+        # deleting the previous run's chain (~70 MB of weights), which is not part of W1
+        "sqlite": [sys.executable, "main.py", "simulate", *w1, "--data-root", str(work / "sqlite-{i}")],
     }
     if not args.skip_mysql:
         variants["mariadb"] = [sys.executable, "main.py", "simulate", *w1, "--data-root", str(work / "mysql"),
@@ -53,7 +55,7 @@ def main() -> int:
     results: dict[str, list[tuple[float, dict]]] = {name: [] for name in variants}
     for i in range(args.repeat):
         for name, cmd in variants.items():
-            wall, out = run(cmd)
+            wall, out = run([part.replace("{i}", str(i + 1)) for part in cmd])
             results[name].append((wall, out))
             print(f"run {i + 1} {name:8s} process {wall:6.2f} s  own timer {out['wall_s']:6.2f} s  "
                   f"final accuracy {out['final_accuracy']:.4f}", flush=True)

@@ -52,7 +52,8 @@ class InProcessParticipant:
             raise ValueError(f"shared keys not in the model: {sorted(unknown)[:5]}")
         self.personal_keys = tuple(k for k in workbench.keys if k not in set(self.shared_keys))
         if self.personal_keys and personal is None:
-            raise ValueError(f"participant {participant_id} keeps personal layers {self.personal_keys[:2]}...; pass their initial weights")
+            raise ValueError(f"participant {participant_id} keeps personal layers {self.personal_keys[:2]}...; "
+                             "pass their initial weights")
         self._personal: Weights | None = None
         if self.personal_keys:
             self.set_personal_state(personal)  # type: ignore[arg-type]
@@ -78,7 +79,8 @@ class InProcessParticipant:
     def set_personal_state(self, weights: Mapping[str, np.ndarray]) -> None:
         """Replace the personal layers (names must be exactly the personal keys; shapes/dtypes are checked on use)."""
         if set(weights) != set(self.personal_keys):
-            raise ValueError(f"personal state must have exactly the keys {list(self.personal_keys)}, got {sorted(weights)}")
+            raise ValueError(f"personal state must have exactly the keys {list(self.personal_keys)}, "
+                             f"got {sorted(weights)}")
         self._personal = {k: np.array(weights[k], order="C", copy=True) for k in self.personal_keys}
 
     def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
@@ -93,7 +95,8 @@ class InProcessParticipant:
             shared = state_to_numpy(self._bench.model, self.shared_keys)
             if self.personal_keys:
                 self._personal = state_to_numpy(self._bench.model, self.personal_keys)
-        log.debug("%s round %d: loss %.4f acc %.4f", self.participant_id, ins.round, metrics["loss"], metrics["accuracy"])
+        log.debug("%s round %d: loss %.4f acc %.4f", self.participant_id, ins.round, metrics["loss"],
+                  metrics["accuracy"])
         return FitRes(weights=shared, samples=int(metrics["samples"]),
                       metrics={"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"])})
 
@@ -103,7 +106,8 @@ class InProcessParticipant:
         with self._bench.lock:
             self._load(weights)
             metrics = evaluate_model(self._bench.model, x, y, device=self._bench.device)
-        return EvalRes(loss=float(metrics["loss"]), accuracy=float(metrics["accuracy"]), samples=int(metrics["samples"]))
+        return EvalRes(loss=float(metrics["loss"]), accuracy=float(metrics["accuracy"]),
+                       samples=int(metrics["samples"]))
 
     def _load(self, weights: Mapping[str, np.ndarray]) -> None:
         missing = [k for k in self.shared_keys if k not in weights]

@@ -1,4 +1,5 @@
-"""Seeded splits of the training set across clients (IID, McMahan shards, Dirichlet label skew) and per-client local test splits."""
+"""Seeded splits of the training set across clients (IID, McMahan shards, Dirichlet label skew) and per-client
+local test splits."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,8 @@ def partition(
     alpha: float = 0.5,
     shards_per_client: int = 2,
 ) -> list[np.ndarray]:
-    """Split ``range(len(labels))`` into ``num_clients`` disjoint, covering int64 index arrays; same seed, same split."""
+    """Split ``range(len(labels))`` into ``num_clients`` disjoint, covering int64 index arrays; same seed, same
+    split."""
     labels = np.asarray(labels)
     if num_clients < 1:
         raise PartitionError(f"num_clients must be at least 1, got {num_clients}")
@@ -58,7 +60,8 @@ def _shards(labels: np.ndarray, num_clients: int, per_client: int, rng: np.rando
 
 
 def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """Per class, client shares ~ Dir(alpha); redraw while a client is empty, then move single samples deterministically."""
+    """Per class, client shares ~ Dir(alpha); redraw while a client is empty, then move single samples
+    deterministically."""
     classes = np.unique(labels)
     for _ in range(_DIRICHLET_REDRAWS):
         buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]

@@ -28,7 +28,8 @@ class RoundFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What a round produced; ``weights`` holds only the shared keys (FedPer: base layers), to merge into the global state."""
+    """What a round produced; ``weights`` holds only the shared keys (FedPer: base layers), to merge into the global
+    state."""
 
     weights: dict[str, np.ndarray]
     results: list[tuple[str, FitRes]]  # in participant order; weights emptied once folded (receipt, samples kept)
@@ -135,13 +136,15 @@ def _check_result(res: FitRes, global_weights: Mapping[str, np.ndarray]) -> None
             raise ValueError(f"unknown tensor {name!r}")
         ref = global_weights[name]
         if not isinstance(array, np.ndarray) or array.shape != ref.shape or array.dtype != ref.dtype:
-            raise ValueError(f"tensor {name!r} does not match the global model's shape {ref.shape} and dtype {ref.dtype}")
+            raise ValueError(f"tensor {name!r} does not match the global model's shape {ref.shape} and dtype "
+                             f"{ref.dtype}")
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise ValueError(f"tensor {name!r} has NaN or infinite values")
 
 
 def evaluate_personalised(participants: Sequence[Participant], weights: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Each participant's personalized accuracy on its local test split -> mean, min, max over participants that have one."""
+    """Each participant's personalised accuracy on its local test split -> mean, min, max over participants that
+    have one."""
     accuracies: list[float] = []
     for p in participants:
         try:
@@ -153,4 +156,5 @@ def evaluate_personalised(participants: Sequence[Participant], weights: Mapping[
             accuracies.append(res.accuracy)
     if not accuracies:
         return {"mean": math.nan, "min": math.nan, "max": math.nan, "count": 0}
-    return {"mean": float(np.mean(accuracies)), "min": min(accuracies), "max": max(accuracies), "count": len(accuracies)}
+    return {"mean": float(np.mean(accuracies)), "min": min(accuracies), "max": max(accuracies),
+            "count": len(accuracies)}

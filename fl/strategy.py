@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from torch import nn
@@ -138,7 +138,7 @@ class FedPer(FedAvg):
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedper": FedPer}
 
 
-def make_strategy(name: str, **hyper: float | int) -> FedAvg:
+def make_strategy(name: str, **hyper: Any) -> FedAvg:
     """A strategy by name with optional hyperparameters (lr, local_epochs, batch_size, momentum, fraction, seed)."""
     if name.lower() not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")

@@ -18,8 +18,8 @@ OUTPUTS = ("fledger_pb2.py", "fledger_pb2.pyi", "fledger_pb2_grpc.py")
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc on fledger.proto into ``out_dir`` and make the grpc module import ``proto.fledger_pb2``."""
-    from grpc_tools import protoc  # imported here: only needed at generation time
     import grpc_tools
+    from grpc_tools import protoc  # imported here: only needed at generation time
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     with tempfile.TemporaryDirectory() as tmp:

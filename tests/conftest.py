@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager

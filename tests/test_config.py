@@ -68,7 +68,8 @@ def test_original_keys_in_toml_with_nested_client_amount(tmp_path):
 
 
 def test_original_keys_in_toml_with_flat_quoted_client_amount(tmp_path):
-    body = ORIGINAL_TOML.replace("\n[client]\namount = 20\n", "").replace("local_epoch", '"client.amount" = 20\nlocal_epoch')
+    body = ORIGINAL_TOML.replace("\n[client]\namount = 20\n", "")
+    body = body.replace("local_epoch", '"client.amount" = 20\nlocal_epoch')
     assert _picked(load_config(write(tmp_path, "c.toml", body), env={})) == ORIGINAL_EXPECTED
 
 

@@ -1,14 +1,20 @@
-"""console.py as a real subprocess against real super/edge nodes on loopback: -c scripts, probe errors, a pty REPL."""
+"""console.py as a real subprocess against a real super node (its Admin service) with real edge nodes on loopback:
+-c scripts, train/pause/save/eval end to end, probe errors, a pty REPL, and the console's own model checks."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import queue
+import re
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,29 +22,430 @@ import torch
 from conftest import free_port, raw_connection, wait_until
 from sqlalchemy import text
 
+from chain.block import SignedBlock
 from chain.keys import NodeKey
 from chain.tensors import model_hash
-from fl.data import Dataset
-from fl.models import build_model
-from fl.local import InProcessParticipant, Workbench
-from node.rpc import serde
-from node.rpc import transport
+from chain.verify import Head
+from config import Config
+from fl.participant import EvalRes, FitIns, FitRes
 from node.console.repl import Console
-from node.process.edge import EdgeNode
+from node.engine.edge import EdgeTrainer
+from node.engine.receipts import ACC_SCALE
+from node.engine.views import EvalReport
 from node.ledger import Ledger
+from node.process.edge import EdgeNode
 from node.process.supernode import SuperNode
+from node.rpc import serde, transport
+from node.rpc.clients import AdminClient
+from node.run import configure_torch, edge_trainers
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import BlockView as BlockViewMsg
-from proto.fledger_pb2 import EdgeEval as EdgeEvalMsg
-from proto.fledger_pb2 import Empty as EmptyMsg
-from proto.fledger_pb2 import EvalReply as EvalReplyMsg
-from proto.fledger_pb2 import SaveReply as SaveReplyMsg
-from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSOLE = str(ROOT / "console.py")
-RUN_TIMEOUT = 60
+RUN_TIMEOUT = 120
+EDGES = 2
+BEAT = 0.2
+# Members are dropped after MISSED_BEATS silent beats (5 s): building the edge participants holds the GIL for
+# seconds in this process, and the 3-beat default (0.6 s) made members flap (see test_net_rounds.py).
+MISSED_BEATS = 25
 
+
+# ---------------------------------------------------------------- a real network: one entry SN, two edge nodes
+
+def config(root: Path) -> Config:
+    """The 2NN on the offline MNIST sample, two clients; eval_local so eval() also reports every edge node."""
+    return Config(dataset="mnist", model="2nn", clients=EDGES, rounds=2, partition_count=EDGES, threads=1,
+                  reproducible=True, eval_local=True, data_root=str(root))
+
+
+class Flaky:
+    """A participant that can be made to fail every fit."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.participant_id = inner, inner.participant_id
+        self.broken = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
+        if self.broken:
+            raise RuntimeError("edge node crashed while training")
+        return self.inner.fit(weights, ins)
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
+        return self.inner.evaluate(weights)
+
+
+class Network:
+    """The entry super node (genesis from the seeded model) and EDGES edge nodes, in this process."""
+
+    def __init__(self, root: Path):
+        cfg = config(root / "sn")
+        configure_torch(cfg)
+        ledger = Ledger.open(root / "sn", key=NodeKey.from_seed(b"console-sn"))
+        self.sn = SuperNode(ledger, "127.0.0.1:0", dataclasses.replace(cfg, is_entry=True),
+                            heartbeat_interval=BEAT, missed_beats=MISSED_BEATS)
+        self.sn.start()
+        self.ens: list[EdgeNode] = []
+        self.flaky: list[Flaky] = []
+        keys = [NodeKey.from_seed(f"console-en{i}".encode()) for i in range(EDGES)]
+        trainers, _, _ = edge_trainers(cfg, keys, 0, EDGES)
+        for trainer in trainers:
+            flaky = Flaky(trainer.participant)
+            en = EdgeNode(EdgeTrainer(flaky, trainer.key, share=trainer.share),  # type: ignore[arg-type]
+                          "127.0.0.1:0", self.sn.address, heartbeat_interval=BEAT)
+            en.start()
+            self.flaky.append(flaky)
+            self.ens.append(en)
+        assert wait_until(lambda: len(self.sn.edges) == EDGES, timeout=15.0), "edge nodes did not join"
+
+    @property
+    def port(self) -> int:
+        return self.sn.port
+
+    def head(self) -> Head:
+        self.sn.ledger.flush()
+        head = self.sn.ledger.head
+        assert head is not None
+        return head
+
+    def block(self, height: int) -> SignedBlock:
+        self.sn.ledger.flush()
+        return self.sn.ledger.get_block(height)[0]
+
+    def close(self) -> None:
+        for node in [*self.ens, self.sn]:
+            node.stop(None)
+        self.sn.ledger.close()
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    """The network with a trained chain: genesis and two round blocks."""
+    network = Network(tmp_path_factory.mktemp("console-net"))
+    try:
+        with AdminClient(network.sn.address) as admin:
+            progress = list(admin.train(2))
+        assert [p.round for p in progress if p.finished] == [1, 2], [p.message for p in progress]
+        yield network
+    finally:
+        network.close()
+
+
+def run_console(port: int, script: str | None, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, CONSOLE, "--ip", "127.0.0.1", "--port", str(port)]
+    if script is not None:
+        args += ["-c", script]
+    return subprocess.run(args, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          env={**os.environ, "HOME": str(cwd)})
+
+
+def saved_hash(path: Path) -> str:
+    state = torch.load(path, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    return model_hash({k: v.numpy() for k, v in state.items()})
+
+
+# ---------------------------------------------------------------- -c scripts of read commands
+
+def test_script_runs_every_command_in_order_and_exits_0(net: Network, tmp_path: Path) -> None:
+    result = run_console(net.port, "status(); chain(); getBlock(1); verify(); getSN()", tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    markers = ["head      height", "height  round  hash", "model hash   ", "OK: ", "kind  node id"]
+    positions = [result.stdout.find(m) for m in markers]
+    assert -1 not in positions and positions == sorted(positions), result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_status_prints_the_head_block_and_round(net: Network, tmp_path: Path) -> None:
+    head = net.head()
+    result = run_console(net.port, "status()", tmp_path)
+
+    assert f"head      height {head.height}  hash {head.hash}\nmodel     {head.model_hash}\n" \
+           f"round     {head.round}\n" in result.stdout
+
+
+def test_chain_lists_the_blocks_newest_first_with_their_recorded_accuracy(net: Network, tmp_path: Path) -> None:
+    head = net.head()
+    result = run_console(net.port, "chain()", tmp_path)
+
+    expected = []
+    for height in range(head.height, max(-1, head.height - 10), -1):
+        h = (block := net.block(height)).header
+        accuracy = f"{h.metrics['accuracy_bp'] / ACC_SCALE:.4f}" if "accuracy_bp" in h.metrics else "-"
+        expected.append([str(height), str(h.round), block.hash[:16], accuracy])
+    assert [line.split()[:4] for line in result.stdout.splitlines()[1:]] == expected
+
+
+def test_get_block_prints_the_header_and_one_record_per_trainer(net: Network, tmp_path: Path) -> None:
+    block = net.block(1)
+    result = run_console(net.port, "getBlock(1)", tmp_path)
+
+    assert f"hash         {block.hash}\n" in result.stdout
+    assert f"model hash   {block.header.model_hash}\n" in result.stdout
+    trainers = re.findall(r"record: trainer (\w+)", result.stdout)
+    assert sorted(trainers) == sorted(en.key.node_id for en in net.ens)
+
+
+def test_verify_reports_ok_with_the_block_count_and_head(net: Network, tmp_path: Path) -> None:
+    head = net.head()
+    result = run_console(net.port, "verify()", tmp_path)
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"OK: {head.height + 1} blocks; head {head.height} {head.hash}"
+
+
+def test_get_sn_lists_the_super_node_and_its_edge_nodes(net: Network, tmp_path: Path) -> None:
+    result = run_console(net.port, "getSN()", tmp_path)
+
+    rows = [line.split() for line in result.stdout.splitlines()[1:-1]]
+    assert [r[:2] for r in rows] == [["SN", net.sn.key.node_id], *[["EN", en.key.node_id] for en in net.ens]]
+    assert result.stdout.splitlines()[-1] == f"1 live super nodes, {EDGES} live edge nodes; 0 dead"
+
+
+def test_get_model_saves_a_state_dict_that_hashes_to_its_blocks_model_hash(net: Network, tmp_path: Path) -> None:
+    expected = net.block(1).header.model_hash
+    model_path = tmp_path / "m1.pt"
+    result = run_console(net.port, f"getModel(height=1, path='{model_path}')", tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"saved to {model_path} (model hash {expected}" in result.stdout
+    assert saved_hash(model_path) == expected
+
+
+def test_get_model_without_arguments_saves_the_head_model_in_the_cwd(net: Network, tmp_path: Path) -> None:
+    head = net.head()
+    result = run_console(net.port, "getModel", tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert saved_hash(tmp_path / f"model-h{head.height}.pt") == head.model_hash
+
+
+# ---------------------------------------------------------------- errors
+
+def test_mistyped_command_exits_1_with_one_clear_line_and_runs_the_rest(net: Network, tmp_path: Path) -> None:
+    result = run_console(net.port, "bogus(); status()", tmp_path)
+
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == "unknown command 'bogus'; type help"
+    assert "head      height" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_error_reply_exits_1_with_one_line(net: Network, tmp_path: Path) -> None:
+    result = run_console(net.port, "getBlock(999999)", tmp_path)
+
+    assert result.returncode == 1
+    assert result.stdout.strip() == "getBlock(999999) failed: NOT_FOUND: no block at height 999999"
+
+
+def test_unreachable_port_exits_2_with_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    result = run_console(port, "status()", tmp_path)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "is it running?" in lines[0]
+
+
+def test_edge_node_address_is_refused_with_exit_2(net: Network, tmp_path: Path) -> None:
+    edge = net.ens[0]
+    result = run_console(edge.port, "status()", tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"127.0.0.1:{edge.port} is an edge node; connect the console to a super node"
+
+
+def test_repl_on_piped_stdin_runs_lines_and_exits_0_on_eof(net: Network, tmp_path: Path) -> None:
+    result = run_console(net.port, None, tmp_path, stdin="status()\nbogus\n")
+
+    assert result.returncode == 0, result.stderr
+    assert "head      height" in result.stdout
+    assert "unknown command 'bogus'; type help" in result.stdout
+
+
+# ---------------------------------------------------------------- train / pause / save / eval on the real server
+
+ROUND_LINE = re.compile(r"round +(?P<round>\d+)  accuracy (?P<accuracy>\d\.\d{4})  loss (?P<loss>\d+\.\d{4})  "
+                        r" *(?P<round_s>\d+\.\d)s  block (?P<height>\d+) (?P<hash>[0-9a-f]{12})  "
+                        r"participants (?P<participants>\d+)  failures (?P<failures>\d+)")
+
+
+@pytest.fixture(scope="module")
+def trained(net: Network, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`console.py -c "train(rounds=2)"` run once: its result, wall time and the heads before and after."""
+    before = net.head()
+    started = time.monotonic()
+    result = run_console(net.port, "train(rounds=2)", tmp_path_factory.mktemp("train"))
+    wall = time.monotonic() - started
+    after = net.head()
+    return {"result": result, "wall": wall, "before": before, "after": after,
+            "lines": result.stdout.splitlines(), "blocks": [net.block(h) for h in range(before.height + 1,
+                                                                                          after.height + 1)]}
+
+
+def test_train_announces_itself_finishes_and_exits_0(net: Network, trained: dict[str, Any]) -> None:
+    result, lines = trained["result"], trained["lines"]
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines[0] == f"training for 2 round(s) on 127.0.0.1:{net.port}; Ctrl-C stops waiting"
+    assert lines[-1] == "training finished"
+
+
+def test_train_prints_one_line_per_round_naming_the_block_it_made(trained: dict[str, Any]) -> None:
+    matches = [ROUND_LINE.match(line) for line in trained["lines"][1:-1]]
+
+    assert all(matches), trained["lines"]
+    assert [(int(m["round"]), int(m["height"]), m["hash"], int(m["participants"]), int(m["failures"]))
+            for m in matches] == [(b.header.round, b.header.height, b.hash[:12], EDGES, 0) for b in trained["blocks"]]
+    assert trained["after"].round == trained["before"].round + 2
+
+
+def test_train_prints_the_accuracy_each_block_records(trained: dict[str, Any]) -> None:
+    printed = [float(ROUND_LINE.match(line)["accuracy"]) for line in trained["lines"][1:-1]]  # type: ignore[index]
+    recorded = [b.header.metrics["accuracy_bp"] / ACC_SCALE for b in trained["blocks"]]
+
+    assert printed == pytest.approx(recorded, abs=1.5e-4)
+
+
+def test_train_prints_each_rounds_time_from_the_servers_round_s(trained: dict[str, Any]) -> None:
+    seconds = [float(ROUND_LINE.match(line)["round_s"]) for line in trained["lines"][1:-1]]  # type: ignore[index]
+
+    assert len(seconds) == 2 and all(0.0 <= s <= trained["wall"] for s in seconds)
+
+
+def test_train_exits_1_with_the_note_when_every_edge_node_fails(net: Network, tmp_path: Path) -> None:
+    head = net.head()
+    for flaky in net.flaky:
+        flaky.broken = True
+    try:
+        result = run_console(net.port, "train(rounds=1)", tmp_path)
+    finally:
+        for flaky in net.flaky:
+            flaky.broken = False
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].startswith(f"round {head.round + 1} failed: ")
+    assert net.head() == head
+
+
+class Follower:
+    """A console running a long `train(...)` in the background; its output lines arrive on a queue."""
+
+    def __init__(self, port: int, cwd: Path, rounds: int):
+        self.proc = subprocess.Popen([sys.executable, CONSOLE, "--ip", "127.0.0.1", "--port", str(port),
+                                      "-c", f"train(rounds={rounds})"], cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, "HOME": str(cwd)})
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, prefix: str, timeout: float = RUN_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no line starting {prefix!r}; the console printed:\n" + "\n".join(self.seen))
+
+    def finish(self, timeout: float = RUN_TIMEOUT) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.seen.append(line)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_pause_from_a_second_console_stops_training_after_the_current_round(net: Network, tmp_path: Path) -> None:
+    follower = Follower(net.port, tmp_path, rounds=10_000)
+    try:
+        follower.wait_for("round ")
+        pause = run_console(net.port, "pause()", tmp_path)
+        code = follower.finish()
+    finally:
+        if follower.proc.poll() is None:   # pause did not work: stop the job so the module can go on
+            with AdminClient(net.sn.address) as admin:
+                admin.pause()
+        follower.kill()
+
+    assert pause.returncode == 0 and pause.stdout == "training will stop after the current round\n"
+    paused = [line for line in follower.seen if line.startswith("paused after round ")]
+    assert code == 0 and follower.seen[-1] == "training finished", follower.seen
+    assert len(paused) == 1 and int(paused[0].split()[-1]) == net.head().round
+
+
+def test_save_writes_the_head_model_on_the_super_node_and_says_where(net: Network, tmp_path: Path) -> None:
+    head = net.head()
+    target = tmp_path / "saved.pt"
+    result = run_console(net.port, f"save(path='{target}')", tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == f"saved on 127.0.0.1:{net.port}: {target} (model hash {head.model_hash})\n"
+    assert saved_hash(target) == head.model_hash
+
+
+@pytest.fixture(scope="module")
+def evaluated(net: Network, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], EvalReport]:
+    """`console.py -c "eval()"`'s lines, and the same evaluation asked for through the Admin client."""
+    result = run_console(net.port, "eval()", tmp_path_factory.mktemp("eval"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    with AdminClient(net.sn.address) as admin:
+        report = admin.evaluate()
+    return result.stdout.splitlines(), report
+
+
+def test_eval_prints_the_global_models_accuracy_and_loss(evaluated: tuple[list[str], EvalReport]) -> None:
+    lines, report = evaluated
+
+    assert report.samples > 0
+    assert lines[0] == f"global model: accuracy {report.accuracy:.4f}  loss {report.loss:.4f}  on {report.samples} " \
+                       f"samples"
+
+
+def test_eval_prints_a_row_per_edge_node(net: Network, evaluated: tuple[list[str], EvalReport]) -> None:
+    lines, report = evaluated
+
+    assert lines[1].split() == ["edge", "node", "accuracy", "loss", "samples", "error"]
+    assert [line.split() for line in lines[2:2 + EDGES]] == \
+           [[e.node_id, f"{e.accuracy:.4f}", f"{e.loss:.4f}", str(e.samples)] for e in report.edges]
+    assert sorted(e.node_id for e in report.edges) == sorted(en.key.node_id for en in net.ens)
+
+
+def test_eval_prints_the_personalised_accuracy_summary(evaluated: tuple[list[str], EvalReport]) -> None:
+    lines, report = evaluated
+
+    assert lines[-1] == f"personalised accuracy: mean {report.edge_accuracy_mean:.4f}  " \
+                        f"min {report.edge_accuracy_min:.4f}  max {report.edge_accuracy_max:.4f}"
+
+
+# ---------------------------------------------------------------- a stored chain that was tampered with
 
 def weights_for(round_: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(round_)
@@ -52,165 +459,55 @@ def build_ledger(data_dir: Path, blocks: int = 3) -> list[str]:
     hashes = []
     try:
         for round_ in range(blocks):
-            block, durable = ledger.propose(round=round_, algorithm="fedavg", params={}, weights=weights_for(round_),
-                                            records=[], metrics={"accuracy_bp": 5000 + 100 * round_},
-                                            timestamp_ms=1_700_000_000_000 + 1000 * round_)
-            durable.result()
-            hashes.append(block.header.model_hash)
+            verified = ledger.build(round=round_, algorithm="fedavg", params={}, weights=weights_for(round_),
+                                    records=[], metrics={"accuracy_bp": 5000 + 100 * round_},
+                                    timestamp_ms=1_700_000_000_000 + 1000 * round_)
+            ledger.accept(verified).result()
+            hashes.append(verified.block.header.model_hash)
     finally:
         ledger.close()
     return hashes
 
 
-def start_sn(data_dir: Path) -> SuperNode:
-    sn = SuperNode(NodeKey.from_seed(b"console-sn"), Ledger.open(data_dir, key=NodeKey.from_seed(b"console-sn")),
-                   "127.0.0.1:0", heartbeat_interval=0.2)
-    sn.start()
-    return sn
-
-
-def stop_sn(sn: SuperNode) -> None:
-    sn.stop(None)
-    sn.ledger.close()
-
-
-def tiny_participant(pid: str) -> InProcessParticipant:
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
-    data = Dataset("mnist", x, y, x[:4], y[:4], 10, (1, 28, 28), "synthetic")
-    model = build_model("2nn")
-    return InProcessParticipant(pid, data, np.arange(12), np.arange(12, 16), Workbench(model),
-                                list(model.state_dict()))
-
-
-
 @pytest.fixture(scope="module")
-def network(tmp_path_factory) -> Iterator[tuple[SuperNode, EdgeNode, list[str]]]:
-    """An entry SN with a 3-block chain and one real edge node registered with it."""
-    data_dir = tmp_path_factory.mktemp("console-sn")
-    hashes = build_ledger(data_dir)
-    sn = start_sn(data_dir)
-    key = NodeKey.from_seed(b"console-en")
-    edge = EdgeNode(key, tiny_participant(key.node_id), "127.0.0.1:0", entry=sn.address, samples=12,
-                    heartbeat_interval=0.2)
-    edge.start()
-    try:
-        assert wait_until(lambda: len(sn.edges) == 1), "edge node did not join the super node"
-        yield sn, edge, hashes
-    finally:
-        edge.stop(None)
-        stop_sn(sn)
-
-
-def run_console(port: int, script: str | None, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, CONSOLE, "--ip", "127.0.0.1", "--port", str(port)]
-    if script is not None:
-        args += ["-c", script]
-    return subprocess.run(args, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                          env={**os.environ, "HOME": str(cwd)})
-
-
-# ---------------------------------------------------------------- -c scripts
-
-def test_script_of_read_commands_succeeds_and_downloads_a_checked_model(network, tmp_path) -> None:
-    sn, edge, hashes = network
-    model_path = tmp_path / "m1.pt"
-    result = run_console(sn.port, f"status(); chain(); getBlock(1); verify(); getSN(); "
-                                  f"getModel(height=1, path='{model_path}')", tmp_path)
-
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert f"head      height 2  hash {sn.ledger.tip.hash}" in out and "round     2" in out
-    assert "0.5200" in out and "0.5100" in out                          # chain(): accuracies per block
-    assert f"model hash   {hashes[1]}" in out                          # getBlock(1)
-    assert "OK: 3 blocks; head 2" in out                                # verify()
-    assert edge.key.node_id in out and sn.key.node_id in out            # getSN(): the SN and its EN
-    assert f"saved to {model_path}" in out and hashes[1] in out
-    assert "Traceback" not in result.stderr
-    state = torch.load(model_path, weights_only=True)
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
-    assert model_hash({k: v.numpy() for k, v in state.items()}) == hashes[1]
-
-
-def test_get_model_without_arguments_saves_the_head_model_in_the_cwd(network, tmp_path) -> None:
-    sn, _edge, hashes = network
-    result = run_console(sn.port, "getModel", tmp_path)
-
-    assert result.returncode == 0, result.stdout + result.stderr
-    state = torch.load(tmp_path / "model-h2.pt", weights_only=True)
-    assert model_hash({k: v.numpy() for k, v in state.items()}) == hashes[2]
-
-
-def test_mistyped_command_exits_1_with_one_clear_line_and_runs_the_rest(network, tmp_path) -> None:
-    sn, _edge, _hashes = network
-    result = run_console(sn.port, "bogus(); status()", tmp_path)
-
-    assert result.returncode == 1
-    assert result.stdout.splitlines()[0] == "unknown command 'bogus'; type help"
-    assert "head      height 2" in result.stdout
-    assert "Traceback" not in result.stderr
-
-
-def test_error_reply_exits_1_with_one_line(network, tmp_path) -> None:
-    sn, _edge, _hashes = network
-    result = run_console(sn.port, "getBlock(99)", tmp_path)
-
-    assert result.returncode == 1
-    assert result.stdout.strip() == "getBlock(99) failed: NOT_FOUND: no block at height 99"
-
-
-def test_unreachable_port_exits_2_with_one_line(tmp_path) -> None:
-    port = free_port()
-    result = run_console(port, "status()", tmp_path)
-
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "is it running?" in lines[0]
-
-
-def test_edge_node_address_is_refused_with_exit_2(network, tmp_path) -> None:
-    _sn, edge, _hashes = network
-    result = run_console(edge.port, "status()", tmp_path)
-
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"127.0.0.1:{edge.port} is an edge node; connect the console to a super node"
-
-
-def test_repl_on_piped_stdin_runs_lines_and_exits_0_on_eof(network, tmp_path) -> None:
-    sn, _edge, _hashes = network
-    result = run_console(sn.port, None, tmp_path, stdin="status()\nbogus\n")
-
-    assert result.returncode == 0, result.stderr
-    assert "head      height 2" in result.stdout
-    assert "unknown command 'bogus'; type help" in result.stdout
-
-
-def test_tampered_model_is_refused_and_not_saved(tmp_path) -> None:
-    data_dir = tmp_path / "sn"
+def tampered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuperNode]:
+    """A super node over a stored chain with one flipped bit in block 1's model."""
+    data_dir = tmp_path_factory.mktemp("tampered")
     build_ledger(data_dir)
     with raw_connection(f"sqlite:///{data_dir / 'ledger.db'}") as conn:
         row = conn.execute(text("SELECT data FROM model_chunks WHERE height = 1 AND seq = 0")).one()
         data = bytearray(row.data)
         data[-1] ^= 0x01                                    # one flipped bit in the last weight byte
         conn.execute(text("UPDATE model_chunks SET data = :d WHERE height = 1 AND seq = 0"), {"d": bytes(data)})
-    sn = start_sn(data_dir)
+    sn = SuperNode(Ledger.open(data_dir, key=NodeKey.from_seed(b"console-sn")), "127.0.0.1:0",
+                   Config(data_root=str(data_dir)), heartbeat_interval=BEAT, missed_beats=MISSED_BEATS,
+                   genesis=False)
+    sn.start()
     try:
-        verify = run_console(sn.port, "verify()", tmp_path)
-        download = run_console(sn.port, "getModel(height=1, path='bad.pt')", tmp_path)
+        yield sn
     finally:
-        stop_sn(sn)
+        sn.stop(None)
+        sn.ledger.close()
 
-    assert verify.returncode == 1 and verify.stdout.startswith("FAIL: ")
-    assert download.returncode == 1 and len(download.stdout.strip().splitlines()) == 1
-    assert "Traceback" not in download.stderr
+
+def test_verify_of_a_tampered_chain_exits_1_with_fail(tampered: SuperNode, tmp_path: Path) -> None:
+    result = run_console(tampered.port, "verify()", tmp_path)
+
+    assert result.returncode == 1 and result.stdout.startswith("FAIL: "), result.stdout + result.stderr
+
+
+def test_tampered_model_is_refused_with_one_line_and_not_saved(tampered: SuperNode, tmp_path: Path) -> None:
+    result = run_console(tampered.port, "getModel(height=1, path='bad.pt')", tmp_path)
+
+    assert result.returncode == 1 and len(result.stdout.strip().splitlines()) == 1, result.stdout
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "bad.pt").exists()
 
 
 class LyingSuperNode(fledger_pb2_grpc.SuperNodeServicer):
     """Serves other weights than the chain records, in a chunk stream that is consistent in itself."""
 
-    def GetModel(self, request, context):
+    def GetModel(self, request, context):  # noqa: ANN001, ANN201
         yield from transport.send_weights(weights_for(100))
 
 
@@ -220,13 +517,13 @@ class BlockAdmin(fledger_pb2_grpc.AdminServicer):
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
 
-    def GetBlock(self, request, context):
+    def GetBlock(self, request, context):  # noqa: ANN001, ANN201
         block, records = self.ledger.get_block(request.height)
         return BlockViewMsg(block=serde.block_to_msg(block), records=[serde.record_to_msg(r) for r in records],
                             hash=block.hash)
 
 
-def test_model_that_does_not_match_the_chain_is_refused_and_not_saved(tmp_path) -> None:
+def test_model_that_does_not_match_the_chain_is_refused_and_not_saved(tmp_path: Path) -> None:
     data_dir = tmp_path / "sn"
     hashes = build_ledger(data_dir)
     ledger = Ledger.open(data_dir, key=NodeKey.from_seed(b"console-sn"))
@@ -264,7 +561,7 @@ class Terminal:
     def type(self, line: str) -> None:
         os.write(self.master, line.encode() + b"\n")
 
-    def expect(self, needle: str, timeout: float = 20.0) -> str:
+    def expect(self, needle: str, timeout: float = 30.0) -> str:
         """Read until ``needle`` appears after what earlier calls consumed; return the text up to it."""
         deadline = time.monotonic() + timeout
         while needle not in self.seen:
@@ -286,13 +583,12 @@ class Terminal:
         os.close(self.master)
 
 
-def test_pty_session_survives_a_bogus_line_and_quits_with_0(network, tmp_path) -> None:
-    sn, _edge, _hashes = network
-    term = Terminal(sn.port, tmp_path)
+def test_pty_session_survives_a_bogus_line_and_quits_with_0(net: Network, tmp_path: Path) -> None:
+    term = Terminal(net.port, tmp_path)
     try:
         term.expect("fledger> ")
         term.type("status()")
-        assert "head      height 2" in term.expect("fledger> ")
+        assert "head      height" in term.expect("fledger> ")
         term.type("bogus")
         assert "unknown command 'bogus'; type help" in term.expect("fledger> ")
         term.type("help")
@@ -304,51 +600,3 @@ def test_pty_session_survives_a_bogus_line_and_quits_with_0(network, tmp_path) -
 
     assert code == 0
     assert "status()" in (tmp_path / ".fledger_console_history").read_text()
-
-
-# ---------------------------------------------------------------- Train/Pause/Save/Eval (client side)
-
-class ScriptedAdmin(fledger_pb2_grpc.AdminServicer):
-    """Stand-in for the SN's Train/Pause/Save/Eval until AdminServicer implements them (it answers UNIMPLEMENTED)."""
-
-    def Train(self, request, context):
-        for round_ in range(1, request.rounds + 1):
-            yield TrainProgressMsg(round=round_, height=round_, block_hash="ab" * 32, participants=2,
-                                   metrics={"accuracy": 0.5 + round_ / 10, "loss": 1.0 / round_, "seconds": 1.5})
-
-    def Pause(self, request, context):
-        return EmptyMsg()
-
-    def Save(self, request, context):
-        return SaveReplyMsg(path=request.path or "/srv/model.pt", model_hash="cd" * 32)
-
-    def Eval(self, request, context):
-        edges = [EdgeEvalMsg(node_id="e1", loss=0.3, accuracy=0.7, samples=50),
-                 EdgeEvalMsg(node_id="e2", loss=0.2, accuracy=0.9, samples=60)]
-        return EvalReplyMsg(loss=0.25, accuracy=0.875, samples=400, edges=edges, edge_accuracy_mean=0.8,
-                            edge_accuracy_min=0.7, edge_accuracy_max=0.9)
-
-
-def test_train_pause_save_eval_print_the_replies() -> None:
-    server, port = transport.create_server("127.0.0.1:0", max_workers=4)
-    fledger_pb2_grpc.add_AdminServicer_to_server(ScriptedAdmin(), server)
-    server.start()
-    out = io.StringIO()
-    try:
-        with Console(f"127.0.0.1:{port}", out=out) as console:
-            code = console.run_script("trainFL(rounds=2); pause(); save(path='/tmp/x.pt'); eval()")
-    finally:
-        server.stop(None).wait()
-
-    lines = out.getvalue().splitlines()
-    assert code == 0, out.getvalue()
-    assert lines[0].startswith("training for 2 round(s)")
-    assert lines[1].split() == ["round", "1", "accuracy", "0.6000", "loss", "1.0000", "1.5s", "block", "1",
-                                "abababababab", "participants", "2", "failures", "0"]
-    assert lines[2].startswith("round    2  accuracy 0.7000  loss 0.5000")
-    assert lines[3] == "training finished"
-    assert lines[4] == "training will stop after the current round"
-    assert lines[5] == f"saved on 127.0.0.1:{port}: /tmp/x.pt (model hash {'cd' * 32})"
-    assert lines[6] == "global model: accuracy 0.8750  loss 0.2500  on 400 samples"
-    assert lines[8].split() == ["e1", "0.7000", "0.3000", "50"]
-    assert lines[10] == "personalised accuracy: mean 0.8000  min 0.7000  max 0.9000"

@@ -18,7 +18,8 @@ def test_zero_sample_result_has_no_weight() -> None:
 
 
 def test_integer_buffers_take_the_maximum_not_the_mean() -> None:
-    items = [({"n": np.array(10, np.int64)}, 100), ({"n": np.array(30, np.int64)}, 1), ({"n": np.array(20, np.int64)}, 1)]
+    items = [({"n": np.array(10, np.int64)}, 100), ({"n": np.array(30, np.int64)}, 1),
+             ({"n": np.array(20, np.int64)}, 1)]
     out = weighted_average(items)
     assert out["n"].dtype == np.int64 and out["n"].shape == () and int(out["n"]) == 30
 
@@ -32,7 +33,8 @@ def test_average_is_computed_in_float64_then_cast() -> None:
 
 def test_streaming_equals_batch_bit_for_bit() -> None:
     rng = np.random.default_rng(0)
-    items = [({"a": rng.standard_normal((5, 7)).astype(np.float32), "b": rng.integers(0, 9, 3)}, int(rng.integers(1, 50)))
+    items = [({"a": rng.standard_normal((5, 7)).astype(np.float32), "b": rng.integers(0, 9, 3)},
+              int(rng.integers(1, 50)))
              for _ in range(20)]
     acc = Accumulator()
     for weights, samples in items:

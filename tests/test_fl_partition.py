@@ -21,14 +21,14 @@ def test_parts_are_disjoint_and_cover_every_sample(scheme: str) -> None:
 @pytest.mark.parametrize("scheme", ["iid", "shards", "dirichlet"])
 def test_same_seed_same_parts_other_seed_other_parts(scheme: str) -> None:
     a, b, c = (partition(LABELS, 10, scheme, seed=s) for s in (7, 7, 8))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_iid_is_the_benchmark_recipe() -> None:
     parts = partition(LABELS, 4, "iid", seed=0)
     expected = np.array_split(np.random.default_rng(0).permutation(len(LABELS)), 4)
-    assert all(np.array_equal(p, e) for p, e in zip(parts, expected))
+    assert all(np.array_equal(p, e) for p, e in zip(parts, expected, strict=True))
     assert [len(p) for p in parts] == [250] * 4
 
 

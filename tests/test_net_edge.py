@@ -10,14 +10,14 @@ import torch
 
 from chain.keys import NodeKey
 from chain.tensors import model_hash
-from node.engine.receipts import check_receipt
+from fl.aggregate import Accumulator
 from fl.data import Dataset
+from fl.local import InProcessParticipant, Workbench
 from fl.models import build_model
 from fl.participant import FitIns
-from fl.local import InProcessParticipant, Workbench
-from fl.aggregate import Accumulator
 from fl.server import run_round
 from node.engine.edge import EdgeTrainer, LocalEdges
+from node.engine.receipts import check_receipt
 from node.engine.types import Base, EdgeRef
 from node.engine.views import MemberView
 from node.process.edge import SERVICE

@@ -12,8 +12,9 @@ import pytest
 
 from chain.keys import NodeKey
 from config import Config, ConfigError, load_config
-from fl.weights import state_to_numpy
+from conftest import wait_until
 from fl.participant import FitIns
+from fl.weights import state_to_numpy
 from node.engine.edge import PERSONAL_FILE, EdgeTrainer
 from node.engine.types import Base
 from node.engine.views import MemberView
@@ -22,8 +23,6 @@ from node.process.edge import EdgeHost, EdgeNode
 from node.process.launch import build_node
 from node.process.supernode import SuperNode
 from node.rpc.clients import AdminClient, GrpcParticipant
-
-from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BEAT = 0.2

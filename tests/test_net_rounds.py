@@ -16,6 +16,7 @@ from chain.keys import NodeKey
 from chain.tensors import model_hash
 from chain.verify import verify_chain
 from config import Config
+from conftest import wait_until
 from fl.participant import EvalRes, FitIns, FitRes
 from fl.strategy import FedAvg
 from node.engine.edge import EdgeTrainer
@@ -32,8 +33,6 @@ from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import RoundAnnouncement as RoundAnnouncementMsg
 from proto.fledger_pb2 import RoundPlan as RoundPlanMsg
 from storage.store import LedgerStore
-
-from conftest import wait_until
 
 BEAT = 0.2
 # Members are dropped after MISSED_BEATS silent beats (5 s). Building the edge participants holds the GIL for

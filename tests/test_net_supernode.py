@@ -13,6 +13,7 @@ from chain.keys import NodeKey
 from chain.tensors import encode_weights, model_hash
 from chain.verify import VerifiedBlock, verify_chain
 from config import Config
+from conftest import free_port, wait_until
 from node.engine.consensus import finalize
 from node.engine.edge import EdgeTrainer
 from node.engine.errors import NoMajorityError
@@ -29,8 +30,6 @@ from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
 from proto.fledger_pb2 import Height as HeightMsg
 from proto.fledger_pb2 import ListRequest as ListRequestMsg
 from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
-
-from conftest import free_port, wait_until
 
 WEIGHTS = {"w": np.arange(6, dtype=np.float32)}
 BEAT = 0.2
@@ -76,7 +75,8 @@ def parts(block: SignedBlock, weights: dict[str, np.ndarray]):  # noqa: ANN201
     return serde.block_parts(BlockData(block, (), encode_weights(weights)))
 
 
-def test_block_is_cosigned_and_committed_by_a_peer_and_synced_by_a_late_joiner(entry: SuperNode, tmp_path: Path) -> None:
+def test_block_is_cosigned_and_committed_by_a_peer_and_synced_by_a_late_joiner(entry: SuperNode,
+                                                                              tmp_path: Path) -> None:
     genesis(entry)
     peer = make_sn(tmp_path, "peer", entry=entry.address)
     late = None

@@ -224,7 +224,7 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
         wait_for_members(entry, supernodes, edges, start_timeout)
         emit(f"{supernodes} super nodes and {edges} edge nodes registered; training {rounds} rounds")
         progress = train(entry, rounds, emit)
-        height, head = check_chains([n.address for n in nodes if n.name.startswith("sn")])
+        height, head = check_chains([n.address for n in nodes if n.name.startswith("sn") and n.address])
         emit(f"all {supernodes} chains verify; head height {height} hash {head}")
         final = next((p.metrics for p in reversed(progress) if p.finished), {})
         return {"supernodes": supernodes, "edges": edges, "rounds": rounds, "head_height": height,

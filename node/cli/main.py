@@ -105,7 +105,8 @@ def _add_fl_flags(p: argparse.ArgumentParser) -> None:
 
 
 FL_KEYS = ("data_root", "db", "dataset", "data_dir", "download", "model", "algo", "clients", "rounds", "fraction",
-           "partition", "alpha", "shards_per_client", "local_test_fraction", "local_epochs", "batch_size", "lr", "momentum", "seed",
+           "partition", "alpha", "shards_per_client", "local_test_fraction", "local_epochs", "batch_size", "lr",
+           "momentum", "seed",
            "threads", "device", "reproducible")
 
 
@@ -237,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str]) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     argv = [a for a in argv if a not in ("-v", "--verbose")]
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
         parser = build_parser()

@@ -14,8 +14,7 @@ from node.engine.errors import PreconditionError
 from node.engine.partial import check_partial, combine, combine_metrics
 from node.engine.receipts import integer_metrics
 from node.engine.supernode import SuperNodeCore
-from node.engine.types import (Announcement, Base, EdgeDirectory, EdgeRef, Partial, Peer, Plan, RoundReport,
-                               share_order)
+from node.engine.types import Announcement, Base, EdgeDirectory, EdgeRef, Partial, Peer, Plan, RoundReport, share_order
 from node.ledger import Ledger
 from node.run import RunContext
 

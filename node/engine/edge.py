@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from chain.keys import NodeKey
-from config import ConfigError
 from chain.tensors import decode_weights, encode_weights, model_hash
+from config import ConfigError
 from fl.local import InProcessParticipant
 from fl.participant import EvalRes, FitIns, FitRes, Participant
 from node.engine.errors import BadRequestError

@@ -61,7 +61,7 @@ def build_node(cfg: Config) -> SuperNode | EdgeNode | EdgeHost:
         keys.append(NodeKey.load_or_create(root / KEY_FILE))
     trainers, _, _ = edge_trainers(cfg, keys, cfg.partition_index, cfg.partition_count, device=device)
     nodes = []
-    for i, (root, trainer) in enumerate(zip(roots, trainers)):
+    for i, (root, trainer) in enumerate(zip(roots, trainers, strict=True)):
         restore_personal(trainer.participant, root / PERSONAL_FILE)
         trainer.personal_file = root / PERSONAL_FILE
         port = cfg.port + i if cfg.port else 0

@@ -7,7 +7,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -15,8 +15,15 @@ import numpy as np
 
 from chain.block import Cosignature
 from fl.participant import EvalRes, FitIns, FitRes, Participant
-from node.engine.errors import (BadRequestError, NetError, NoCapacityError, NotFoundError, PreconditionError,
-                                TakenIdError, UnavailableError)
+from node.engine.errors import (
+    BadRequestError,
+    NetError,
+    NoCapacityError,
+    NotFoundError,
+    PreconditionError,
+    TakenIdError,
+    UnavailableError,
+)
 from node.engine.jobs import Progress
 from node.engine.membership import Membership
 from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeRef, Partial
@@ -120,7 +127,8 @@ class GrpcParticipant:
             summary = first.summary
             record = serde.record_from_msg(summary.record)
             metrics = serde.metrics_from_msg(summary.metrics)
-            got, update_hash = transport.receive_weights(r.weights for r in replies if r.WhichOneof("part") == "weights")
+            got, update_hash = transport.receive_weights(r.weights for r in replies
+                                                         if r.WhichOneof("part") == "weights")
         except grpc.RpcError as exc:
             raise RemoteError(f"{self.participant_id} at {self.address}: {transport.rpc_error_text(exc)}") from exc
         except BadRequestError as exc:
@@ -307,7 +315,7 @@ class AdminClient:
         return serde.status_from_msg(self._call(lambda: self._stub.Status(
             EmptyMsg(), timeout=timeout or self.deadlines.query)))
 
-    def train(self, rounds: int) -> Iterator[RoundLine]:
+    def train(self, rounds: int) -> Generator[RoundLine, None, None]:
         """Start (or follow) training; yields a line per finished round or note, until the job ends. Closing the
         iterator early cancels the call (training goes on at the node)."""
         stream = self._call(lambda: self._stub.Train(TrainRequestMsg(rounds=rounds), timeout=self.deadlines.train))

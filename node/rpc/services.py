@@ -164,7 +164,8 @@ class AdminServicer(fledger_pb2_grpc.AdminServicer):
     @transport.guarded
     def GetBlock(self, request: Any, context: Context) -> BlockViewMsg:
         view = self.backend.block(request.height)
-        return BlockViewMsg(block=serde.block_to_msg(view.block), records=[serde.record_to_msg(r) for r in view.records],
+        return BlockViewMsg(block=serde.block_to_msg(view.block),
+                            records=[serde.record_to_msg(r) for r in view.records],
                             hash=view.block.hash)
 
     def Verify(self, request: Any, context: Context) -> VerifyReplyMsg:
