@@ -7,12 +7,9 @@ the replica that trained longest, keeps the dtype exactly, and does not depend o
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 Weights = dict[str, np.ndarray]
 

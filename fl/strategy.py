@@ -2,7 +2,6 @@
 results are aggregated (FedAvg, FedPer). The round engine asks the strategy, never an aggregation rule directly."""
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ from torch import nn
 from fl.aggregate import Accumulator, Weights
 from fl.models import split_keys
 from fl.participant import FitIns
-
-log = logging.getLogger(__name__)
 
 
 class Aggregator(Protocol):

@@ -177,6 +177,7 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
     ``edges_per_process`` > 1 hosts the edge nodes that many to a process (``main.py node --hosted-edges``).
     """
     import shutil
+
     from storage.store import LedgerStore
     root = Path(cfg.data_root).resolve() / "cluster"
     shutil.rmtree(root, ignore_errors=True)     # a cluster run starts from fresh chains

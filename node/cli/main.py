@@ -12,8 +12,6 @@ from chain.checkpoint import Checkpoint, CheckpointError
 from chain.keys import NodeKey
 from chain.verify import VerificationError, verify_chain
 
-log = logging.getLogger(__name__)
-
 
 class UsageError(Exception):
     """A user error: printed as one line, exit code 2."""

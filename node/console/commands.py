@@ -296,7 +296,7 @@ def cmd_get_model(con: Session, height: int | None = None, path: str | None = No
 
 def _write_state_dict(weights: dict[str, np.ndarray], target: Path) -> None:
     """A plain state_dict of tensors, loadable with torch.load(path, weights_only=True); written atomically."""
-    import torch   # late: only this command needs torch, and importing it takes seconds
+    import torch  # late: only this command needs torch, and importing it takes seconds
 
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:

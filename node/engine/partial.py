@@ -7,7 +7,6 @@ With the same assignment of edge nodes to super nodes, the simulator and the net
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping, Sequence
 
@@ -16,8 +15,6 @@ from fl.server import RoundFailed, run_round
 from node.engine.errors import BadRequestError
 from node.engine.receipts import check_receipt
 from node.engine.types import Announcement, Base, EdgeDirectory, Partial, Weights
-
-log = logging.getLogger(__name__)
 
 
 def train_partial(sn_id: str, announcement: Announcement, base: Base, directory: EdgeDirectory) -> Partial:

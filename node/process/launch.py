@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import threading
@@ -12,9 +11,6 @@ from config import Config, ConfigError
 from node.process import READY_FILE
 from node.process.edge import EdgeHost, EdgeNode
 from node.process.supernode import SuperNode
-
-log = logging.getLogger(__name__)
-
 
 
 def _advertise(cfg: Config) -> tuple[str, int | None]:

@@ -4,7 +4,6 @@ become the engine's errors."""
 from __future__ import annotations
 
 import hmac
-import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -42,8 +41,6 @@ from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
 from proto.fledger_pb2 import SaveRequest as SaveRequestMsg
 from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
 from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

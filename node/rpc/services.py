@@ -2,7 +2,6 @@
 errors become status codes through ``transport.guarded``. No servicer holds state of its own."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,8 +26,6 @@ from proto.fledger_pb2 import SaveReply as SaveReplyMsg
 from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
 from proto.fledger_pb2 import VerifyReply as VerifyReplyMsg
 from proto.fledger_pb2 import WeightsChunk as WeightsChunkMsg
-
-log = logging.getLogger(__name__)
 
 Context = Any   # grpc.ServicerContext
 

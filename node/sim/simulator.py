@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from node.engine.types import Peer, RoundReport
 from node.ledger import CHECKPOINT_FILE, Ledger, default_db_url
 from node.run import RunContext, configure_torch, edge_trainers, model_name
 from storage.store import LedgerStore
-
-log = logging.getLogger(__name__)
 
 
 class ResumeMismatch(ValueError):
