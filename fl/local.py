@@ -51,12 +51,12 @@ class InProcessParticipant:
         if unknown:
             raise ValueError(f"shared keys not in the model: {sorted(unknown)[:5]}")
         self.personal_keys = tuple(k for k in workbench.keys if k not in set(self.shared_keys))
-        if self.personal_keys and personal is None:
-            raise ValueError(f"participant {participant_id} keeps personal layers {self.personal_keys[:2]}...; "
-                             "pass their initial weights")
         self._personal: Weights | None = None
         if self.personal_keys:
-            self.set_personal_state(personal)  # type: ignore[arg-type]
+            if personal is None:
+                raise ValueError(f"participant {participant_id} keeps personal layers {self.personal_keys[:2]}...; "
+                                 "pass their initial weights")
+            self.set_personal_state(personal)
 
     @property
     def num_train_samples(self) -> int:

@@ -1,6 +1,8 @@
-"""End to end with real processes: `main.py cluster`, and docker-compose.yml's services run as local processes."""
+"""End to end with real processes: `main.py cluster`, docker-compose.yml's services run as local processes, and
+the Dockerfile's HEALTHCHECK command against a real node."""
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from node.cli.cluster import check_chains, start_node, stop_all, train, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +60,13 @@ def local_env(env: dict, run_id: str, server) -> dict[str, str]:
     out.update(FLEDGER_IP="127.0.0.1", FLEDGER_PORT="0", FLEDGER_THREADS="1", FLEDGER_MODEL="2nn")
     out.pop("FLEDGER_ADVERTISE", None)
     if "FLEDGER_DB" in out:
-        name = out["FLEDGER_DB"].split("/")[-1].split("?")[0]
-        out["FLEDGER_DB"] = server.set(database=f"{name}_{run_id}").render_as_string(hide_password=False)
+        out["FLEDGER_DB"] = server.set(database=f"{database(env)}_{run_id}").render_as_string(hide_password=False)
     return out
+
+
+def database(env: dict) -> str:
+    """The database a super node's FLEDGER_DB names."""
+    return env["FLEDGER_DB"].split("/")[-1].split("?")[0]
 
 
 @pytest.mark.mysql
@@ -67,30 +74,75 @@ def test_compose_services_run_as_local_processes_and_complete_a_round(tmp_path):
     server = mysql_server_url()     # skips visibly, or fails when FLEDGER_REQUIRE_MYSQL=1
     services = compose()["services"]
     run_id = uuid.uuid4().hex[:8]
-    order = sorted((k for k in services if k != "mysql"),
-                   key=lambda k: (services[k]["environment"].get("FLEDGER_IS_ENTRY") != "true",
-                                  services[k]["environment"]["FLEDGER_NODE_TYPE"] != "SN", k))
-    nodes = []
+    nodes = {k: v for k, v in services.items() if k != "mysql"}
+    supernodes = sorted((k for k, v in nodes.items() if v["environment"]["FLEDGER_NODE_TYPE"] == "SN"),
+                        key=lambda k: (nodes[k]["environment"].get("FLEDGER_IS_ENTRY") != "true", k))
+    edges = sorted(k for k in nodes if k not in supernodes)
+    started = []
+
+    def start(name: str, entry: str | None):  # noqa: ANN202
+        svc = nodes[name]
+        assert svc["command"][:2] == ["python", "main.py"]
+        env = local_env(svc["environment"], run_id, server)
+        if entry:
+            env["FLEDGER_ENTRY"] = entry
+        node = start_node(name, tmp_path / name, svc["command"][3:], env)
+        started.append(node)
+        return node
+
     try:
-        entry = None
-        for name in order:
-            svc = services[name]
-            assert svc["command"][:2] == ["python", "main.py"]
-            env = local_env(svc["environment"], run_id, server)
-            if entry:
-                env["FLEDGER_ENTRY"] = entry
-            node = start_node(name, tmp_path / name, svc["command"][3:], env)
-            nodes.append(node)
-            if entry is None:
-                entry = node.wait_ready(time.monotonic() + 120)
-        for node in nodes:
+        entry = start(supernodes[0], None).wait_ready(time.monotonic() + 120)
+        sns = [started[0], *(start(name, entry) for name in supernodes[1:])]
+        for node in sns:
             node.wait_ready(time.monotonic() + 120)
-        sns = [n for n in nodes if services[n.name]["environment"]["FLEDGER_NODE_TYPE"] == "SN"]
-        wait_for_members(entry, len(sns), len(nodes) - len(sns), 120)
+        # as `main.py cluster` does: every super node has joined before the first edge node asks for one
+        wait_for_members(entry, len(sns), 0, 120)
+        for node in [start(name, entry) for name in edges]:
+            node.wait_ready(time.monotonic() + 120)
+        wait_for_members(entry, len(sns), len(edges), 120)
         progress = train(entry, 1, lambda _line: None)
         height, _head = check_chains([n.address for n in sns])
     finally:
-        stop_all(nodes)
-        mysql_admin_execute(server, *(f"DROP DATABASE IF EXISTS fledger_{n}_{run_id}" for n in ("sn0", "sn1")))
+        stop_all(started)
+        mysql_admin_execute(server, *(f"DROP DATABASE IF EXISTS `{database(nodes[n]['environment'])}_{run_id}`"
+                                      for n in supernodes))
     assert height == 1
     assert any(p.block_hash for p in progress)
+
+
+# ---------------------------------------------------------------- the Dockerfile's HEALTHCHECK
+
+def healthcheck_command() -> list[str]:
+    """The exec-form CMD of the Dockerfile's HEALTHCHECK line."""
+    line = next(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("HEALTHCHECK"))
+    return json.loads(line.split(" CMD ", 1)[1])
+
+
+def test_dockerfile_healthcheck_runs_a_module_that_imports_and_is_copied_into_the_image():
+    command = healthcheck_command()
+    assert command[:2] == ["python", "-m"]
+    module = importlib.import_module(command[2])
+    assert callable(module.main)
+    package = command[2].split(".")[0]
+    assert f"COPY {package} ./{package}" in DOCKERFILE.read_text()
+
+
+def test_dockerfile_healthcheck_probes_the_port_compose_gives_every_node():
+    port = compose()["x-node"]["environment"]["FLEDGER_PORT"]
+
+    assert healthcheck_command()[-1] == f"127.0.0.1:{port}"
+
+
+def test_dockerfile_healthcheck_exits_0_for_a_serving_node_and_1_once_it_stopped(tmp_path):
+    command = [sys.executable, *healthcheck_command()[1:-1]]
+    node = start_node("sn0", tmp_path / "sn0", ["--nt", "SN", "-z", "--port", "0", "--model", "2nn",
+                                                "--threads", "1"])
+    try:
+        address = node.wait_ready(time.monotonic() + 120)
+        serving = subprocess.run([*command, address], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        stop_all([node])
+    stopped = subprocess.run([*command, address], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    assert serving.returncode == 0, serving.stdout + serving.stderr
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr

@@ -20,7 +20,7 @@ from node.rpc.clients import AdminClient, RoundLine
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]   # the repository: node/cli/cluster.py -> main.py beside node/
 
 
 class ClusterError(RuntimeError):

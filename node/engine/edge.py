@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chain.block import SignedRecord
 from chain.keys import NodeKey
 from chain.tensors import decode_weights, encode_weights, model_hash
 from config import ConfigError
@@ -40,10 +41,10 @@ class EdgeTrainer:
     def samples(self) -> int:
         return self.participant.num_train_samples
 
-    def fit(self, weights: Weights, ins: FitIns, base_hash: str) -> tuple[FitRes, str, float]:
-        """Train from ``weights`` (whose hash the caller computed once); return the result with its signed record
-        as receipt, the update's hash, and the seconds spent training. BadRequestError when the weights do not
-        fit this edge node's model."""
+    def fit(self, weights: Weights, ins: FitIns, base_hash: str) -> tuple[FitRes, SignedRecord, str, float]:
+        """Train from ``weights`` (whose hash the caller computed once); return the result (its receipt is the
+        signed record), the signed record, the update's hash, and the seconds spent training. BadRequestError when
+        the weights do not fit this edge node's model."""
         started = time.perf_counter()
         try:
             res = self.participant.fit(weights, ins)
@@ -56,7 +57,7 @@ class EdgeTrainer:
         record = sign_update(self.key, ins.round, base_hash, update_hash, res)
         log.info("round %d: trained on %d samples (%s)", ins.round, res.samples,
                  ", ".join(f"{k}={v:.4f}" for k, v in res.metrics.items()))
-        return FitRes(res.weights, res.samples, res.metrics, receipt=record), update_hash, train_s
+        return FitRes(res.weights, res.samples, res.metrics, receipt=record), record, update_hash, train_s
 
     def evaluate(self, weights: Weights) -> EvalRes:
         try:
@@ -75,7 +76,7 @@ class _InProcessEdge:
         self.participant_id = trainer.node_id
 
     def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
-        res, _, _ = self.trainer.fit(weights, ins, self.base.model_hash)
+        res, _, _, _ = self.trainer.fit(weights, ins, self.base.model_hash)
         if self.on_fit is not None:
             self.on_fit()
         return res

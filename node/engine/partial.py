@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
+from chain.block import SignedRecord
 from fl.participant import FitRes, Participant
 from fl.server import RoundFailed, run_round
 from node.engine.errors import BadRequestError
@@ -27,13 +28,14 @@ def train_partial(sn_id: str, announcement: Announcement, base: Base, directory:
         return Partial(sn_id, round, 0, None)
     strategy = announcement.plan.strategy()
     participants = [directory.connect(e, base) for e in edges]
-    results: list[FitRes] = []
+    checked: dict[str, SignedRecord] = {}
+    results: list[tuple[str, FitRes]] = []
 
     def check(participant: Participant, res: FitRes) -> None:
-        check_receipt(res, round, base.model_hash, participant.participant_id)
+        checked[participant.participant_id] = check_receipt(res, round, base.model_hash, participant.participant_id)
 
-    def keep(_edge_id: str, res: FitRes) -> None:
-        results.append(res)
+    def keep(edge_id: str, res: FitRes) -> None:
+        results.append((edge_id, res))
 
     started = time.perf_counter()
     try:
@@ -46,9 +48,8 @@ def train_partial(sn_id: str, announcement: Announcement, base: Base, directory:
     finally:
         for p in participants:
             directory.release(p)
-    records = [r.receipt for r in results]
-    return Partial(sn_id, round, outcome.total_samples, outcome.weights, records, outcome.failures,  # type: ignore[arg-type]
-                   weighted_metrics([(r.metrics, r.samples) for r in results], prefix="train_"),
+    return Partial(sn_id, round, outcome.total_samples, outcome.weights, [checked[e] for e, _ in results],
+                   outcome.failures, weighted_metrics([(r.metrics, r.samples) for _, r in results], prefix="train_"),
                    edge_timings(participants, time.perf_counter() - started))
 
 
@@ -113,7 +114,7 @@ def combine_order(partials: Sequence[Partial], announcement: Announcement) -> li
 def combine(partials: Sequence[Partial], announcement: Announcement) -> Weights:
     """The announced strategy's aggregate over the partials, in ``combine_order``."""
     ordered = combine_order(partials, announcement)
-    return announcement.plan.strategy().combine([(p.weights, p.samples) for p in ordered])  # type: ignore[misc]
+    return announcement.plan.strategy().combine([(p.weights, p.samples) for p in ordered if p.weights is not None])
 
 
 def combine_metrics(partials: Sequence[Partial], announcement: Announcement) -> dict[str, float]:

@@ -37,12 +37,12 @@ from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
 from proto.fledger_pb2 import Height as HeightMsg
 from proto.fledger_pb2 import HeightRange as HeightRangeMsg
 from proto.fledger_pb2 import ListRequest as ListRequestMsg
-from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
 from proto.fledger_pb2 import SaveRequest as SaveRequestMsg
 from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
 from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 # Status code of a peer's answer -> the engine error it stands for (anything else: UnavailableError).
 ERROR_FOR: dict[grpc.StatusCode, type[NetError]] = {
@@ -62,6 +62,16 @@ def as_net_error(exc: grpc.RpcError, who: str) -> NetError:
     error.status = code.name if code is not None else "UNKNOWN"
     error.details = exc.details() if hasattr(exc, "details") else str(exc)
     return error
+
+
+def call(address: str, stub_type: Callable[[grpc.Channel], S], fn: Callable[[S], T], who: str) -> T:
+    """``fn(stub)`` on a fresh channel to ``address``; a failed call raises the engine error its status code stands
+    for, naming ``who``."""
+    try:
+        with transport.open_channel(address) as channel:
+            return fn(stub_type(channel))
+    except grpc.RpcError as exc:
+        raise as_net_error(exc, who) from exc
 
 
 def is_edge_node(address: str, timeout: float) -> bool:
@@ -182,31 +192,28 @@ class GrpcPeer:
         self.address = address
         self.deadlines = deadlines
 
-    def _call(self, fn: Callable[[fledger_pb2_grpc.SuperNodeStub], object]) -> object:
-        try:
-            with transport.open_channel(self.address) as channel:
-                return fn(fledger_pb2_grpc.SuperNodeStub(channel))
-        except grpc.RpcError as exc:
-            raise as_net_error(exc, f"super node {self.node_id[:12]} at {self.address}") from exc
+    def _call(self, fn: Callable[[fledger_pb2_grpc.SuperNodeStub], T]) -> T:
+        return call(self.address, fledger_pb2_grpc.SuperNodeStub, fn,
+                    f"super node {self.node_id[:12]} at {self.address}")
 
     def edges(self) -> list[EdgeRef]:
         listed = self._call(lambda stub: stub.ListEdges(ListRequestMsg(), timeout=self.deadlines.query))
-        return [serde.edge_ref_from_msg(m) for m in listed.members  # type: ignore[attr-defined]
+        return [serde.edge_ref_from_msg(m) for m in listed.members
                 if m.alive and m.parent_id == self.node_id]
 
     def members(self, include_dead: bool) -> list[MemberView]:
         listed = self._call(lambda stub: stub.ListEdges(ListRequestMsg(include_dead=include_dead),
                                                         timeout=self.deadlines.query))
-        return [serde.view_from_msg(m) for m in listed.members]  # type: ignore[attr-defined]
+        return [serde.view_from_msg(m) for m in listed.members]
 
     def train(self, announcement: Announcement, base: Base) -> Partial:
         msg = serde.announcement_to_msg(announcement)
-        return self._call(lambda stub: serde.read_partial(  # type: ignore[return-value]
+        return self._call(lambda stub: serde.read_partial(
             stub.AnnounceRound(msg, timeout=self.deadlines.round)))
 
     def cosign(self, data: BlockData) -> Cosignature:
         reply = self._call(lambda stub: stub.ProposeBlock(serde.block_parts(data), timeout=self.deadlines.block))
-        return serde.cosig_from_msg(reply)  # type: ignore[arg-type]
+        return serde.cosig_from_msg(reply)
 
     def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
         request = CommitRequestMsg(height=height, hash=block_hash,
@@ -214,7 +221,7 @@ class GrpcPeer:
         self._call(lambda stub: stub.CommitBlock(request, timeout=self.deadlines.block))
 
     def head(self) -> ChainHead | None:
-        return serde.head_from_msg(self._call(  # type: ignore[arg-type]
+        return serde.head_from_msg(self._call(
             lambda stub: stub.GetHead(EmptyMsg(), timeout=self.deadlines.query)))
 
     def blocks(self, start: int, end: int) -> Iterator[BlockData]:
@@ -234,15 +241,11 @@ class RegistryClient:
         self.entry = entry
         self.deadlines = deadlines
 
-    def _registry(self, fn: Callable[[fledger_pb2_grpc.RegistryStub], object]) -> object:
-        try:
-            with transport.open_channel(self.entry) as channel:
-                return fn(fledger_pb2_grpc.RegistryStub(channel))
-        except grpc.RpcError as exc:
-            raise as_net_error(exc, f"entry {self.entry}") from exc
+    def _registry(self, fn: Callable[[fledger_pb2_grpc.RegistryStub], T]) -> T:
+        return call(self.entry, fledger_pb2_grpc.RegistryStub, fn, f"entry {self.entry}")
 
     def register_supernode(self, info: MemberView) -> None:
-        msg = _info_msg(info)
+        msg = serde.view_to_msg(info).info
         self._registry(lambda stub: stub.RegisterSuperNode(msg, timeout=self.deadlines.register))
 
     def heartbeat(self, node_id: str, load: int) -> None:
@@ -252,35 +255,24 @@ class RegistryClient:
     def supernodes(self, include_dead: bool = False) -> list[MemberView]:
         listed = self._registry(lambda stub: stub.ListSuperNodes(ListRequestMsg(include_dead=include_dead),
                                                                  timeout=self.deadlines.query))
-        return [serde.view_from_msg(m) for m in listed.members]  # type: ignore[attr-defined]
+        return [serde.view_from_msg(m) for m in listed.members]
 
     def assign(self, info: MemberView) -> MemberView:
-        msg = _info_msg(info)
-        return serde.view_from_msg(self._registry(  # type: ignore[arg-type]
+        msg = serde.view_to_msg(info).info
+        return serde.view_from_msg(self._registry(
             lambda stub: stub.AssignSuperNode(msg, timeout=self.deadlines.register)))
 
     def register_edge(self, supernode: str, info: MemberView) -> float:
         """Register an edge node with a super node; returns the heartbeat interval it asks for (0: keep yours)."""
-        try:
-            with transport.open_channel(supernode) as channel:
-                reply = fledger_pb2_grpc.SuperNodeStub(channel).RegisterEdge(_info_msg(info),
-                                                                              timeout=self.deadlines.register)
-        except grpc.RpcError as exc:
-            raise as_net_error(exc, f"super node at {supernode}") from exc
+        msg = serde.view_to_msg(info).info
+        reply = call(supernode, fledger_pb2_grpc.SuperNodeStub,
+                     lambda stub: stub.RegisterEdge(msg, timeout=self.deadlines.register), f"super node at {supernode}")
         return float(reply.heartbeat_interval_s)
 
     def edge_heartbeat(self, supernode: str, node_id: str) -> None:
-        try:
-            with transport.open_channel(supernode) as channel:
-                fledger_pb2_grpc.SuperNodeStub(channel).EdgeHeartbeat(HeartbeatRequestMsg(node_id=node_id),
-                                                                      timeout=self.deadlines.heartbeat)
-        except grpc.RpcError as exc:
-            raise as_net_error(exc, f"super node at {supernode}") from exc
-
-
-def _info_msg(info: MemberView) -> NodeInfoMsg:
-    return NodeInfoMsg(node_id=info.node_id, public_key=info.public_key, address=info.address,
-                       capacity=info.capacity, samples=info.samples, partition_index=info.share)
+        call(supernode, fledger_pb2_grpc.SuperNodeStub,
+             lambda stub: stub.EdgeHeartbeat(HeartbeatRequestMsg(node_id=node_id), timeout=self.deadlines.heartbeat),
+             f"super node at {supernode}")
 
 
 class AdminClient:

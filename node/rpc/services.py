@@ -187,10 +187,9 @@ class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
             raise BadRequestError("a Fit stream must start with the FitIns message")
         ins = serde.fit_ins_from_msg(first.ins)
         weights, base_hash = transport.receive_weights(_weights_only(request_iterator))
-        res, update_hash, train_s = self.trainer.fit(weights, ins, base_hash)
+        res, record, update_hash, train_s = self.trainer.fit(weights, ins, base_hash)
         yield FitReplyMsg(summary=FitSummaryMsg(samples=res.samples, metrics=serde.metrics_to_msg(res.metrics),
-                                                record=serde.record_to_msg(res.receipt),  # type: ignore[arg-type]
-                                                train_s=train_s))
+                                                record=serde.record_to_msg(record), train_s=train_s))
         for chunk in transport.blob_chunks(encode_weights(res.weights), update_hash):
             yield FitReplyMsg(weights=chunk)
 
