@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, raw_connection, wait_until
 from sqlalchemy import text
 
 from chain.block import SignedBlock
@@ -27,6 +26,7 @@ from chain.keys import NodeKey
 from chain.tensors import model_hash
 from chain.verify import Head
 from config import Config
+from conftest import free_port, raw_connection, wait_until
 from fl.participant import EvalRes, FitIns, FitRes
 from node.console.repl import Console
 from node.engine.edge import EdgeTrainer
@@ -116,8 +116,9 @@ class Network:
         return self.sn.ledger.get_block(height)[0]
 
     def close(self) -> None:
-        for node in [*self.ens, self.sn]:
-            node.stop(None)
+        for en in self.ens:
+            en.stop(None)
+        self.sn.stop(None)
         self.sn.ledger.close()
 
 
@@ -289,6 +290,13 @@ def trained(net: Network, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
                                                                                           after.height + 1)]}
 
 
+def round_lines(trained: dict[str, Any]) -> list[re.Match[str]]:
+    """The round lines between the announcement and "training finished", each matched by ROUND_LINE."""
+    matches = [ROUND_LINE.match(line) for line in trained["lines"][1:-1]]
+    assert all(matches), trained["lines"]
+    return matches  # type: ignore[return-value]
+
+
 def test_train_announces_itself_finishes_and_exits_0(net: Network, trained: dict[str, Any]) -> None:
     result, lines = trained["result"], trained["lines"]
 
@@ -298,23 +306,22 @@ def test_train_announces_itself_finishes_and_exits_0(net: Network, trained: dict
 
 
 def test_train_prints_one_line_per_round_naming_the_block_it_made(trained: dict[str, Any]) -> None:
-    matches = [ROUND_LINE.match(line) for line in trained["lines"][1:-1]]
+    matches = round_lines(trained)
 
-    assert all(matches), trained["lines"]
     assert [(int(m["round"]), int(m["height"]), m["hash"], int(m["participants"]), int(m["failures"]))
             for m in matches] == [(b.header.round, b.header.height, b.hash[:12], EDGES, 0) for b in trained["blocks"]]
     assert trained["after"].round == trained["before"].round + 2
 
 
 def test_train_prints_the_accuracy_each_block_records(trained: dict[str, Any]) -> None:
-    printed = [float(ROUND_LINE.match(line)["accuracy"]) for line in trained["lines"][1:-1]]  # type: ignore[index]
+    printed = [float(m["accuracy"]) for m in round_lines(trained)]
     recorded = [b.header.metrics["accuracy_bp"] / ACC_SCALE for b in trained["blocks"]]
 
     assert printed == pytest.approx(recorded, abs=1.5e-4)
 
 
 def test_train_prints_each_rounds_time_from_the_servers_round_s(trained: dict[str, Any]) -> None:
-    seconds = [float(ROUND_LINE.match(line)["round_s"]) for line in trained["lines"][1:-1]]  # type: ignore[index]
+    seconds = [float(m["round_s"]) for m in round_lines(trained)]
 
     assert len(seconds) == 2 and all(0.0 <= s <= trained["wall"] for s in seconds)
 

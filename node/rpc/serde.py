@@ -84,19 +84,20 @@ def block_parts(data: BlockData) -> Iterator[BlockPartMsg]:
 
 
 def read_blocks(parts: Iterable[BlockPartMsg]) -> Iterator[BlockData]:
-    """Group a stream of parts into blocks. Signatures of the block and its records are checked here, and the blob's
-    size and announced hash; the receiving ledger verifies the rest once (links, Merkle root, co-signatures)."""
+    """Group a stream of parts into blocks, checking only their structure and the blob's size: the receiving ledger
+    verifies each block once, whole (``Ledger.verify``: signatures, link, records, Merkle root, model)."""
     current: tuple[SignedBlock, list[SignedRecord], list[Cosignature], WeightsAssembler] | None = None
     for part in parts:
         kind = part.WhichOneof("part")
         if kind == "block":
             if current is not None:
                 yield _finish(*current)
-            current = (block_from_msg(part.block), [], [], WeightsAssembler())
+            current = (SignedBlock(bytes(part.block.header_bytes), bytes(part.block.signature)), [], [],
+                       WeightsAssembler())
         elif current is None:
             raise BadRequestError("a block stream must start with a block message")
         elif kind == "record":
-            current[1].append(record_from_msg(part.record))
+            current[1].append(SignedRecord(bytes(part.record.record_bytes), bytes(part.record.signature)))
         elif kind == "cosignature":
             current[2].append(cosig_from_msg(part.cosignature))
         elif kind == "weights":
@@ -109,8 +110,12 @@ def read_blocks(parts: Iterable[BlockPartMsg]) -> Iterator[BlockData]:
 
 def _finish(block: SignedBlock, records: list[SignedRecord], cosigs: list[Cosignature],
             assembler: WeightsAssembler) -> BlockData:
-    if assembler.expected_hash != block.header.model_hash:
-        raise BadRequestError(f"block {block.header.height}: the weights sent are not the block's model")
+    try:
+        header = block.header
+    except (MalformedError, EncodingError) as exc:
+        raise BadRequestError(f"bad block: {exc}") from exc
+    if assembler.expected_hash != header.model_hash:
+        raise BadRequestError(f"block {header.height}: the weights sent are not the block's model")
     return BlockData(block, tuple(records), assembler.finish_blob(), tuple(cosigs))
 
 
