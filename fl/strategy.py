@@ -6,14 +6,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
-from torch import nn
 
 from fl.aggregate import Accumulator, Weights
-from fl.models import split_keys
 from fl.participant import FitIns
+
+if TYPE_CHECKING:   # torch only where a model is at hand: the round engine and the console need no torch for this
+    from torch import nn
 
 
 class Aggregator(Protocol):
@@ -129,6 +130,7 @@ class FedPer(FedAvg):
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         """State keys clients receive and return: the base layers only."""
+        from fl.models import split_keys
         return split_keys(model)[0]
 
 

@@ -86,7 +86,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     """Left-aligned columns separated by two spaces."""
     cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
 # ---------------------------------------------------------------- commands

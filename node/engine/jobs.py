@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 from fl.server import RoundFailed
 from node.engine.coordinator import Coordinator
 from node.engine.errors import NetError
-from node.engine.types import Note, RoundReport
+from node.engine.types import Note, Progress
 from node.ledger import Ledger
-
-Progress = RoundReport | Note
 
 log = logging.getLogger(__name__)
 

@@ -127,6 +127,9 @@ class Note:
     message: str
 
 
+Progress = RoundReport | Note   # what a training job reports, round by round
+
+
 @dataclass(frozen=True)
 class BlockData:
     """A block with everything it carries, as it travels between super nodes (not verified by the receiver yet)."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from chain.block import SignedBlock, SignedRecord
 from chain.verify import VerifyReport
-from node.engine.jobs import Progress, TrainJob
-from node.engine.types import ChainHead
+from node.engine.types import ChainHead, Progress
+
+if TYPE_CHECKING:   # the console reads these views without loading the round engine (and torch)
+    from node.engine.jobs import TrainJob
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,8 @@ from node.engine.errors import (
     TakenIdError,
     UnavailableError,
 )
-from node.engine.jobs import Progress
 from node.engine.membership import Membership
-from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeRef, Partial
+from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeRef, Partial, Progress
 from node.engine.views import BlockView, EvalReport, MemberView, NodeStatus
 from node.rpc import serde, transport
 from node.rpc.options import DEADLINES, Deadlines

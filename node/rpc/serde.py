@@ -9,9 +9,8 @@ from chain.block import Cosignature, MalformedError, SignedBlock, SignedRecord
 from chain.encoding import EncodingError
 from fl.participant import EvalRes, FitIns
 from node.engine.errors import BadRequestError
-from node.engine.jobs import Progress
 from node.engine.membership import Member
-from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Partial, Plan, RoundReport
+from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Partial, Plan, Progress, RoundReport
 from node.engine.views import EdgeEval, EvalReport, MemberView, NodeStatus
 from node.rpc.transport import WeightsAssembler, blob_chunks, send_weights
 from proto.fledger_pb2 import BlockPart as BlockPartMsg
