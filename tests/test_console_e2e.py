@@ -2,7 +2,6 @@
 -c scripts, train/pause/save/eval end to end, probe errors, a pty REPL, and the console's own model checks."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import queue
@@ -21,113 +20,35 @@ import pytest
 import torch
 from sqlalchemy import text
 
-from chain.block import SignedBlock
 from chain.keys import NodeKey
 from chain.tensors import model_hash
-from chain.verify import Head
 from config import Config
-from conftest import free_port, raw_connection, wait_until
-from fl.participant import EvalRes, FitIns, FitRes
+from conftest import free_port, raw_connection
+from network import BEAT, MISSED_BEATS, Network
 from node.console.repl import Console
-from node.engine.edge import EdgeTrainer
 from node.engine.receipts import ACC_SCALE
 from node.engine.views import EvalReport
 from node.ledger import Ledger
-from node.process.edge import EdgeNode
 from node.process.supernode import SuperNode
 from node.rpc import serde, transport
 from node.rpc.clients import AdminClient
-from node.run import configure_torch, edge_trainers
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import BlockView as BlockViewMsg
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSOLE = str(ROOT / "console.py")
 RUN_TIMEOUT = 120
-EDGES = 2
-BEAT = 0.2
-# Members are dropped after MISSED_BEATS silent beats (5 s): building the edge participants holds the GIL for
-# seconds in this process, and the 3-beat default (0.6 s) made members flap (see test_net_rounds.py).
-MISSED_BEATS = 25
+EDGES = 2   # eval_local, so eval() also reports every edge node
 
 
 # ---------------------------------------------------------------- a real network: one entry SN, two edge nodes
 
-def config(root: Path) -> Config:
-    """The 2NN on the offline MNIST sample, two clients; eval_local so eval() also reports every edge node."""
-    return Config(dataset="mnist", model="2nn", clients=EDGES, rounds=2, partition_count=EDGES, threads=1,
-                  reproducible=True, eval_local=True, data_root=str(root))
-
-
-class Flaky:
-    """A participant that can be made to fail every fit."""
-
-    def __init__(self, inner: Any):
-        self.inner, self.participant_id = inner, inner.participant_id
-        self.broken = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
-        if self.broken:
-            raise RuntimeError("edge node crashed while training")
-        return self.inner.fit(weights, ins)
-
-    def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
-        return self.inner.evaluate(weights)
-
-
-class Network:
-    """The entry super node (genesis from the seeded model) and EDGES edge nodes, in this process."""
-
-    def __init__(self, root: Path):
-        cfg = config(root / "sn")
-        configure_torch(cfg)
-        ledger = Ledger.open(root / "sn", key=NodeKey.from_seed(b"console-sn"))
-        self.sn = SuperNode(ledger, "127.0.0.1:0", dataclasses.replace(cfg, is_entry=True),
-                            heartbeat_interval=BEAT, missed_beats=MISSED_BEATS)
-        self.sn.start()
-        self.ens: list[EdgeNode] = []
-        self.flaky: list[Flaky] = []
-        keys = [NodeKey.from_seed(f"console-en{i}".encode()) for i in range(EDGES)]
-        trainers, _, _ = edge_trainers(cfg, keys, 0, EDGES)
-        for trainer in trainers:
-            flaky = Flaky(trainer.participant)
-            en = EdgeNode(EdgeTrainer(flaky, trainer.key, share=trainer.share),  # type: ignore[arg-type]
-                          "127.0.0.1:0", self.sn.address, heartbeat_interval=BEAT)
-            en.start()
-            self.flaky.append(flaky)
-            self.ens.append(en)
-        assert wait_until(lambda: len(self.sn.edges) == EDGES, timeout=15.0), "edge nodes did not join"
-
-    @property
-    def port(self) -> int:
-        return self.sn.port
-
-    def head(self) -> Head:
-        self.sn.ledger.flush()
-        head = self.sn.ledger.head
-        assert head is not None
-        return head
-
-    def block(self, height: int) -> SignedBlock:
-        self.sn.ledger.flush()
-        return self.sn.ledger.get_block(height)[0]
-
-    def close(self) -> None:
-        for en in self.ens:
-            en.stop(None)
-        self.sn.stop(None)
-        self.sn.ledger.close()
-
-
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     """The network with a trained chain: genesis and two round blocks."""
-    network = Network(tmp_path_factory.mktemp("console-net"))
+    network = Network(tmp_path_factory.mktemp("console-net"), supernodes=1, edges=EDGES, eval_local=True)
     try:
-        with AdminClient(network.sn.address) as admin:
+        with AdminClient(network.entry.address) as admin:
             progress = list(admin.train(2))
         assert [p.round for p in progress if p.finished] == [1, 2], [p.message for p in progress]
         yield network
@@ -203,7 +124,7 @@ def test_get_sn_lists_the_super_node_and_its_edge_nodes(net: Network, tmp_path: 
     result = run_console(net.port, "getSN()", tmp_path)
 
     rows = [line.split() for line in result.stdout.splitlines()[1:-1]]
-    assert rows[0][:2] == ["SN", net.sn.key.node_id]
+    assert rows[0][:2] == ["SN", net.entry.key.node_id]
     assert sorted(r[:2] for r in rows[1:]) == sorted(["EN", en.key.node_id] for en in net.ens)
     assert result.stdout.splitlines()[-1] == f"1 live super nodes, {EDGES} live edge nodes; 0 dead"
 
@@ -399,7 +320,7 @@ def test_pause_from_a_second_console_stops_training_after_the_current_round(net:
         code = follower.finish()
     finally:
         if follower.proc.poll() is None:   # pause did not work: stop the job so the module can go on
-            with AdminClient(net.sn.address) as admin:
+            with AdminClient(net.entry.address) as admin:
                 admin.pause()
         follower.kill()
 
@@ -424,7 +345,7 @@ def evaluated(net: Network, tmp_path_factory: pytest.TempPathFactory) -> tuple[l
     """`console.py -c "eval()"`'s lines, and the same evaluation asked for through the Admin client."""
     result = run_console(net.port, "eval()", tmp_path_factory.mktemp("eval"))
     assert result.returncode == 0, result.stdout + result.stderr
-    with AdminClient(net.sn.address) as admin:
+    with AdminClient(net.entry.address) as admin:
         report = admin.evaluate()
     return result.stdout.splitlines(), report
 

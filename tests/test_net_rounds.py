@@ -2,118 +2,29 @@
 blocks, and the same model hashes as `simulate --sn K` for the same seed."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 import torch
 
 from chain.keys import NodeKey
 from chain.tensors import model_hash
 from chain.verify import verify_chain
-from config import Config
 from conftest import wait_until
-from fl.participant import EvalRes, FitIns, FitRes
 from fl.strategy import FedAvg
-from node.engine.edge import EdgeTrainer
+from network import Network, config
 from node.engine.errors import PreconditionError
 from node.engine.types import EdgeRef
 from node.ledger import Ledger
-from node.process.edge import EdgeNode
-from node.process.supernode import SuperNode
 from node.rpc import transport
-from node.rpc.clients import AdminClient, RoundLine
-from node.run import configure_torch, edge_trainers
 from node.sim.simulator import simulate
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import RoundAnnouncement as RoundAnnouncementMsg
 from proto.fledger_pb2 import RoundPlan as RoundPlanMsg
 from storage.store import LedgerStore
-
-BEAT = 0.2
-# Members are dropped after MISSED_BEATS silent beats (5 s). Building the edge participants holds the GIL for
-# seconds in this one process, so the 3-beat default (0.6 s) made SNs and ENs flap and ENs move between SNs.
-MISSED_BEATS = 25
-
-
-def config(root: Path, **over: Any) -> Config:
-    return Config(dataset="mnist", model="2nn", clients=4, rounds=2, partition_count=4, threads=1,
-                  reproducible=True, data_root=str(root), **over)
-
-
-class Flaky:
-    """A participant that can be made to die in the middle of a round."""
-
-    def __init__(self, inner: Any):
-        self.inner, self.participant_id = inner, inner.participant_id
-        self.broken = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
-        if self.broken:
-            raise RuntimeError("edge node crashed while training")
-        return self.inner.fit(weights, ins)
-
-    def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
-        return self.inner.evaluate(weights)
-
-
-class Network:
-    """K super nodes (the entry first, all joined before any edge node) and N edge nodes, in this process."""
-
-    def __init__(self, root: Path, supernodes: int, edges: int, **over: Any):
-        self.root = root
-        self.cfg = config(root / "entry", **over)
-        configure_torch(self.cfg)
-        self.sns: list[SuperNode] = []
-        self.ens: list[EdgeNode] = []
-        self.flaky: list[Flaky] = []
-        self.sns.append(self.make_sn("entry", entry=None))
-        for i in range(1, supernodes):
-            self.sns.append(self.make_sn(f"sn{i}", entry=self.entry.address))
-            # one at a time, so the join order (and with it the edge assignment) is sn1, sn2, ...
-            assert wait_until(lambda n=i + 1: len(self.entry.registry) == n, timeout=15.0)
-        keys = [NodeKey.from_seed(f"edge{i}".encode()) for i in range(edges)]
-        trainers, _, _ = edge_trainers(self.cfg, keys, 0, edges)
-        for trainer in trainers:
-            flaky = Flaky(trainer.participant)
-            en = EdgeNode(EdgeTrainer(flaky, trainer.key, share=trainer.share),  # type: ignore[arg-type]
-                          "127.0.0.1:0", self.entry.address, heartbeat_interval=BEAT)
-            en.start()
-            self.flaky.append(flaky)
-            self.ens.append(en)
-        assert wait_until(lambda: sum(len(sn.edges) for sn in self.sns) == edges, timeout=15.0), \
-            "edge nodes did not join"
-
-    def make_sn(self, name: str, entry: str | None, listen: str = "127.0.0.1:0") -> SuperNode:
-        ledger = Ledger.open(self.root / name, key=NodeKey.from_seed(name.encode()))
-        cfg = dataclasses.replace(self.cfg, data_root=str(self.root / name), is_entry=entry is None)
-        sn = SuperNode(ledger, listen, cfg, entry=entry, heartbeat_interval=BEAT, missed_beats=MISSED_BEATS)
-        sn.start()
-        return sn
-
-    @property
-    def entry(self) -> SuperNode:
-        return self.sns[0]
-
-    def admin(self, sn: SuperNode | None = None) -> AdminClient:
-        return AdminClient((sn or self.entry).address)
-
-    def train(self, rounds: int, sn: SuperNode | None = None) -> list[RoundLine]:
-        with self.admin(sn) as admin:
-            return list(admin.train(rounds))
-
-    def close(self) -> None:
-        for node in self.ens + self.sns[::-1]:
-            node.stop(None)
-        for sn in self.sns:
-            sn.ledger.close()
 
 
 @pytest.fixture(scope="module")
