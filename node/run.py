@@ -1,5 +1,5 @@
 """What a run is, built from its Config, for the simulator and the network alike: data shares, the seeded initial
-model, the strategy, the run's ledger parameters, timestamps, edge-node trainers and global evaluation."""
+model, the strategy, the run's ledger parameters, timestamps, the edge nodes and global evaluation."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ from fl.partition import local_split, partition
 from fl.strategy import FedAvg, make_strategy
 from fl.train import evaluate as evaluate_model
 from fl.weights import Weights, load_numpy, state_to_numpy
-from node.engine.edge import EdgeTrainer
+from node.engine.edge import EdgeCore
 
 
 def configure_torch(cfg: Config) -> str:
@@ -72,9 +72,9 @@ def timestamp(cfg: Config, round: int) -> int:
     return round * 1000 if cfg.reproducible else int(time.time() * 1000)
 
 
-def edge_trainers(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_count: int, device: str = "cpu",
+def edge_cores(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_count: int, device: str = "cpu",
                   dataset: Dataset | None = None,
-                  workbench: Workbench | None = None) -> tuple[list[EdgeTrainer], Workbench, Dataset]:
+                  workbench: Workbench | None = None) -> tuple[list[EdgeCore], Workbench, Dataset]:
     """Edge nodes for shares ``first_share`` .. ``+len(keys)-1`` of ``share_count``: the data and initial model the
     simulator gives those clients, all seeded by ``cfg.seed``. They share one dataset in memory and train in turn
     on one model (the returned Workbench)."""
@@ -90,7 +90,7 @@ def edge_trainers(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_
     state = state_to_numpy(model)
     personal = {k: state[k] for k in state if k not in set(shared)} or None
     bench = workbench or Workbench(model, device)
-    trainers = [EdgeTrainer(InProcessParticipant(f"client-{first_share + i:03d}", dataset,
+    trainers = [EdgeCore(InProcessParticipant(f"client-{first_share + i:03d}", dataset,
                                                  *shares[first_share + i], bench, shared, personal),
                             key, share=first_share + i)
                 for i, key in enumerate(keys)]

@@ -15,12 +15,12 @@ from chain.verify import Head
 from config import Config
 from conftest import wait_until
 from fl.participant import EvalRes, FitIns, FitRes
-from node.engine.edge import EdgeTrainer
+from node.engine.edge import EdgeCore
 from node.ledger import Ledger
 from node.process.edge import EdgeNode
 from node.process.supernode import SuperNode
 from node.rpc.clients import AdminClient, RoundLine
-from node.run import configure_torch, edge_trainers
+from node.run import configure_torch, edge_cores
 
 BEAT = 0.2
 # Members are dropped after MISSED_BEATS silent beats (5 s). Building the edge participants holds the GIL for
@@ -68,10 +68,10 @@ class Network:
             # one at a time, so the join order (and with it the edge assignment) is sn1, sn2, ...
             assert wait_until(lambda n=i + 1: len(self.entry.registry) == n, timeout=15.0)
         keys = [NodeKey.from_seed(f"edge{i}".encode()) for i in range(edges)]
-        trainers, _, _ = edge_trainers(self.cfg, keys, 0, edges)
-        for trainer in trainers:
-            flaky = Flaky(trainer.participant)
-            en = EdgeNode(EdgeTrainer(flaky, trainer.key, share=trainer.share),  # type: ignore[arg-type]
+        cores, _, _ = edge_cores(self.cfg, keys, 0, edges)
+        for core in cores:
+            flaky = Flaky(core.participant)
+            en = EdgeNode(EdgeCore(flaky, core.key, share=core.share),  # type: ignore[arg-type]
                           "127.0.0.1:0", self.entry.address, heartbeat_interval=BEAT)
             en.start()
             self.flaky.append(flaky)

@@ -16,7 +16,7 @@ from fl.local import InProcessParticipant, Workbench
 from fl.models import build_model
 from fl.participant import FitIns
 from fl.server import run_round
-from node.engine.edge import EdgeTrainer, LocalEdges
+from node.engine.edge import EdgeCore, LocalEdges
 from node.engine.receipts import check_receipt
 from node.engine.types import Base, EdgeRef
 from node.engine.views import MemberView
@@ -61,7 +61,7 @@ def edges() -> Iterator[list[tuple[NodeKey, str]]]:
         address = f"127.0.0.1:{port}"
         info = MemberView(key.node_id, key.public_hex, address, "edge", True, samples=40, share=i)
         fledger_pb2_grpc.add_EdgeNodeServicer_to_server(
-            EdgeServicer(EdgeTrainer(participant(key.node_id, i), key, share=i), info), server)
+            EdgeServicer(EdgeCore(participant(key.node_id, i), key, share=i), info), server)
         server.start()
         servers.append(server)
         out.append((key, address))
@@ -103,9 +103,9 @@ def test_receipt_from_another_node_is_rejected(edges) -> None:
 def test_run_round_over_grpc_equals_run_round_with_in_process_edges(edges) -> None:
     model = base()
     remote = [GrpcParticipant(key.node_id, address, model) for key, address in edges]
-    trainers = [EdgeTrainer(participant(key.node_id, i), key, share=i) for i, (key, _) in enumerate(edges)]
-    directory = LocalEdges(trainers)
-    local = [directory.connect(EdgeRef(t.node_id, "", t.share), model) for t in trainers]
+    cores = [EdgeCore(participant(key.node_id, i), key, share=i) for i, (key, _) in enumerate(edges)]
+    directory = LocalEdges(cores)
+    local = [directory.connect(EdgeRef(t.node_id, "", t.share), model) for t in cores]
 
     over_grpc = run_round(1, remote, model.weights, lambda i, p: INS, Accumulator())
     in_process = run_round(1, local, model.weights, lambda i, p: INS, Accumulator())

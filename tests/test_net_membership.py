@@ -15,7 +15,7 @@ from config import Config, ConfigError, load_config
 from conftest import wait_until
 from fl.participant import FitIns
 from fl.weights import state_to_numpy
-from node.engine.edge import PERSONAL_FILE, EdgeTrainer
+from node.engine.edge import PERSONAL_FILE, EdgeCore
 from node.engine.types import Base
 from node.engine.views import MemberView
 from node.ledger import Ledger
@@ -46,7 +46,7 @@ def make_sn(root: Path, name: str, entry: str | None = None) -> SuperNode:
 
 
 def idle_edge(seed: bytes, entry: str, share: int | None = None) -> EdgeNode:
-    trainer = EdgeTrainer(Idle(), NodeKey.from_seed(seed), share=share)  # type: ignore[arg-type]
+    trainer = EdgeCore(Idle(), NodeKey.from_seed(seed), share=share)  # type: ignore[arg-type]
     edge = EdgeNode(trainer, "127.0.0.1:0", entry, heartbeat_interval=BEAT)
     edge.start()
     return edge
@@ -140,7 +140,7 @@ def test_hosted_edge_nodes_each_register_with_their_own_key_port_and_share(tmp_p
         assert len({m.address for m in members}) == 3 and len({m.node_id for m in members}) == 3
         assert all((tmp_path / "host" / f"edge-{i}" / "node.key").exists() for i in (1, 2, 3))
         # Their data shares are distinct, as the simulator's clients 1..3 of 4 are.
-        shares = [set(n.trainer.participant.train_indices.tolist()) for n in host.nodes]
+        shares = [set(n.core.participant.train_indices.tolist()) for n in host.nodes]
         assert not (shares[0] & shares[1]) and not (shares[1] & shares[2])
     finally:
         stop(host, entry)
@@ -156,7 +156,7 @@ def test_a_fedper_edge_node_restarted_on_its_data_root_keeps_its_personal_layers
     node = build_node(cfg)
     node.start()
     try:
-        participant = node.trainer.participant
+        participant = node.core.participant
         initial = participant.personal_state()
         weights = {k: v for k, v in state_to_numpy(participant.workbench.model).items()
                    if k in participant.shared_keys}
@@ -169,7 +169,7 @@ def test_a_fedper_edge_node_restarted_on_its_data_root_keeps_its_personal_layers
     assert any(not np.array_equal(trained[k], initial[k]) for k in trained)
 
     again = build_node(cfg)
-    restored = again.trainer.participant.personal_state()
+    restored = again.core.participant.personal_state()
 
     assert again.key.node_id == node.key.node_id
     assert set(restored) == set(trained) and all(np.array_equal(restored[k], trained[k]) for k in trained)

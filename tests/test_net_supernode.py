@@ -15,7 +15,7 @@ from chain.verify import VerifiedBlock, verify_chain
 from config import Config
 from conftest import free_port, wait_until
 from node.engine.consensus import finalize
-from node.engine.edge import EdgeTrainer
+from node.engine.edge import EdgeCore
 from node.engine.errors import NoMajorityError
 from node.engine.types import BlockData
 from node.ledger import Ledger
@@ -252,7 +252,7 @@ class Idle:
 
 def test_edge_node_rejoins_a_super_node_restarted_without_its_membership(entry: SuperNode, tmp_path: Path) -> None:
     key = NodeKey.from_seed(b"en")
-    edge = EdgeNode(EdgeTrainer(Idle(), key), "127.0.0.1:0", entry.address,  # type: ignore[arg-type]
+    edge = EdgeNode(EdgeCore(Idle(), key), "127.0.0.1:0", entry.address,  # type: ignore[arg-type]
                     heartbeat_interval=BEAT)
     edge.start()
     restarted = None

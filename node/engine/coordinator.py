@@ -50,7 +50,7 @@ class Coordinator:
         return block, metrics
 
     def select(self, round: int, edges: Sequence[EdgeRef]) -> list[EdgeRef]:
-        """The round's trainers over the whole network, as the simulator picks them: every live edge node in data
+        """The round's edge nodes over the whole network, as the simulator picks them: every live edge node in data
         share order, then fraction C of them with the run's seeded RNG."""
         ordered = sorted(edges, key=share_order)
         if not ordered:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 PERSONAL_FILE = "personal.weights"
 
 
-class EdgeTrainer:
+class EdgeCore:
     """One edge node's training: a participant (its data share and model), its key, and where it keeps its
     personal layers (FedPer) across restarts."""
 
@@ -67,22 +67,22 @@ class EdgeTrainer:
 
 
 class _InProcessEdge:
-    """An EdgeTrainer as a round's participant, in the same process: no transfer, so the base is not re-hashed."""
+    """An EdgeCore as a round's participant, in the same process: no transfer, so the base is not re-hashed."""
 
-    def __init__(self, trainer: EdgeTrainer, base: Base, on_fit: Callable[[], None] | None):
-        self.trainer = trainer
+    def __init__(self, core: EdgeCore, base: Base, on_fit: Callable[[], None] | None):
+        self.core = core
         self.base = base
         self.on_fit = on_fit
-        self.participant_id = trainer.node_id
+        self.participant_id = core.node_id
 
     def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
-        res, _, _, _ = self.trainer.fit(weights, ins, self.base.model_hash)
+        res, _, _, _ = self.core.fit(weights, ins, self.base.model_hash)
         if self.on_fit is not None:
             self.on_fit()
         return res
 
     def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
-        return self.trainer.evaluate(weights)
+        return self.core.evaluate(weights)
 
 
 class LocalEdges:
@@ -90,16 +90,16 @@ class LocalEdges:
 
     concurrency = 1
 
-    def __init__(self, trainers: list[EdgeTrainer], on_fit: Callable[[], None] | None = None):
-        self.trainers = {t.node_id: t for t in trainers}
+    def __init__(self, cores: list[EdgeCore], on_fit: Callable[[], None] | None = None):
+        self.cores = {t.node_id: t for t in cores}
         self.on_fit = on_fit   # called after each fit (the simulator's progress bar)
-        self._refs = [EdgeRef(t.node_id, "", t.share) for t in trainers]
+        self._refs = [EdgeRef(t.node_id, "", t.share) for t in cores]
 
     def edges(self) -> list[EdgeRef]:
         return list(self._refs)
 
     def connect(self, edge: EdgeRef, base: Base) -> Participant:
-        return _InProcessEdge(self.trainers[edge.node_id], base, self.on_fit)
+        return _InProcessEdge(self.cores[edge.node_id], base, self.on_fit)
 
     def release(self, participant: Participant) -> None:
         pass

@@ -1,11 +1,11 @@
-"""The edge node process: its EdgeTrainer behind the EdgeNode service, joining the super node the entry assigns and
+"""The edge node process: its EdgeCore behind the EdgeNode service, joining the super node the entry assigns and
 heartbeating there (asking again when it is forgotten or its super node is gone); and a host for several."""
 from __future__ import annotations
 
 import logging
 import threading
 
-from node.engine.edge import EdgeTrainer
+from node.engine.edge import EdgeCore
 from node.engine.errors import NetError, NotFoundError, UnavailableError
 from node.engine.views import MemberView
 from node.rpc import transport
@@ -20,17 +20,17 @@ SERVICE = "fledger.v1.EdgeNode"
 class EdgeNode:
     """An edge node: serves EdgeNode, joins the super node the entry assigns and keeps heartbeating."""
 
-    def __init__(self, trainer: EdgeTrainer, listen: str, entry: str, advertise_host: str = "127.0.0.1",
+    def __init__(self, core: EdgeCore, listen: str, entry: str, advertise_host: str = "127.0.0.1",
                  advertise_port: int | None = None, heartbeat_interval: float = 2.0):
-        self.trainer = trainer
-        self.key = trainer.key
+        self.core = core
+        self.key = core.key
         self.entry = entry
         self.heartbeat_interval = heartbeat_interval
         self.server, self.port = transport.create_server(listen, services=[SERVICE])
         self.address = f"{advertise_host}:{advertise_port or self.port}"
         self.info = MemberView(self.key.node_id, self.key.public_hex, self.address, "edge", True,
-                               samples=trainer.samples, share=trainer.share)
-        add_edge_service(self.server, trainer, self.info)
+                               samples=core.samples, share=core.share)
+        add_edge_service(self.server, core, self.info)
         self.registry = RegistryClient(entry)
         self.supernode: str | None = None   # address of the super node this edge node is registered with
         self._stop = threading.Event()

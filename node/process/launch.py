@@ -31,7 +31,7 @@ def build_node(cfg: Config) -> SuperNode | EdgeNode | EdgeHost:
     from chain.keys import NodeKey
     from node.engine.edge import PERSONAL_FILE, restore_personal
     from node.ledger import KEY_FILE, Ledger
-    from node.run import configure_torch, edge_trainers
+    from node.run import configure_torch, edge_cores
 
     listen = f"{cfg.ip}:{cfg.port}"
     host, advertised_port = _advertise(cfg)
@@ -55,13 +55,13 @@ def build_node(cfg: Config) -> SuperNode | EdgeNode | EdgeHost:
     for root in roots:
         root.mkdir(parents=True, exist_ok=True)
         keys.append(NodeKey.load_or_create(root / KEY_FILE))
-    trainers, _, _ = edge_trainers(cfg, keys, cfg.partition_index, cfg.partition_count, device=device)
+    cores, _, _ = edge_cores(cfg, keys, cfg.partition_index, cfg.partition_count, device=device)
     nodes = []
-    for i, (root, trainer) in enumerate(zip(roots, trainers, strict=True)):
-        restore_personal(trainer.participant, root / PERSONAL_FILE)
-        trainer.personal_file = root / PERSONAL_FILE
+    for i, (root, core) in enumerate(zip(roots, cores, strict=True)):
+        restore_personal(core.participant, root / PERSONAL_FILE)
+        core.personal_file = root / PERSONAL_FILE
         port = cfg.port + i if cfg.port else 0
-        nodes.append(EdgeNode(trainer, f"{cfg.ip}:{port}", cfg.entry, advertise_host=host,
+        nodes.append(EdgeNode(core, f"{cfg.ip}:{port}", cfg.entry, advertise_host=host,
                               advertise_port=advertised_port + i if advertised_port else None,
                               heartbeat_interval=cfg.heartbeat_s))
     return nodes[0] if len(nodes) == 1 else EdgeHost(nodes)

@@ -378,7 +378,7 @@ class RoundLine:
         if not self.finished:
             return self.message
         acc = f"accuracy {self.metrics['accuracy']:.2%}  " if "accuracy" in self.metrics else ""
-        return (f"round {self.round}  {acc}{self.participants} trainers  {self.failures} failed  "
+        return (f"round {self.round}  {acc}{self.participants} edge nodes  {self.failures} failed  "
                 f"block {self.height} {self.block_hash[:12]}" +
                 (f"  {self.timings['round_s']:.2f} s" if "round_s" in self.timings else "") +
                 (f"  ({self.message})" if self.message else ""))

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from chain.tensors import encode_weights
-from node.engine.edge import EdgeTrainer
+from node.engine.edge import EdgeCore
 from node.engine.errors import BadRequestError
 from node.engine.membership import Membership, SuperNodeRegistry
 from node.engine.supernode import SuperNodeCore
@@ -174,10 +174,10 @@ class AdminServicer(fledger_pb2_grpc.AdminServicer):
 
 
 class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
-    """An edge node's training and evaluation over its EdgeTrainer."""
+    """An edge node's training and evaluation over its EdgeCore."""
 
-    def __init__(self, trainer: EdgeTrainer, info: MemberView):
-        self.trainer = trainer
+    def __init__(self, core: EdgeCore, info: MemberView):
+        self.core = core
         self.info = info
 
     @transport.guarded_stream
@@ -187,7 +187,7 @@ class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
             raise BadRequestError("a Fit stream must start with the FitIns message")
         ins = serde.fit_ins_from_msg(first.ins)
         weights, base_hash = transport.receive_weights(_weights_only(request_iterator))
-        res, record, update_hash, train_s = self.trainer.fit(weights, ins, base_hash)
+        res, record, update_hash, train_s = self.core.fit(weights, ins, base_hash)
         yield FitReplyMsg(summary=FitSummaryMsg(samples=res.samples, metrics=serde.metrics_to_msg(res.metrics),
                                                 record=serde.record_to_msg(record), train_s=train_s))
         for chunk in transport.blob_chunks(encode_weights(res.weights), update_hash):
@@ -196,7 +196,7 @@ class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
     @transport.guarded
     def Evaluate(self, request_iterator: Iterator[WeightsChunkMsg], context: Context) -> Any:
         weights, _ = transport.receive_weights(request_iterator)
-        return serde.eval_to_msg(self.trainer.evaluate(weights))
+        return serde.eval_to_msg(self.core.evaluate(weights))
 
     def Info(self, request: Any, context: Context) -> NodeInfoMsg:
         return serde.view_to_msg(self.info).info
@@ -218,6 +218,6 @@ def add_supernode_services(server: Any, core: SuperNodeCore, edges: Membership, 
         fledger_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, core.node_id), server)
 
 
-def add_edge_service(server: Any, trainer: EdgeTrainer, info: MemberView) -> None:
+def add_edge_service(server: Any, core: EdgeCore, info: MemberView) -> None:
     """Serve an edge node's EdgeNode service."""
-    fledger_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(trainer, info), server)
+    fledger_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(core, info), server)

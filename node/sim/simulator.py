@@ -19,11 +19,11 @@ from config import Config, ConfigError
 from fl.aggregate import weighted_average
 from fl.weights import Weights
 from node.engine.coordinator import Coordinator
-from node.engine.edge import EdgeTrainer, LocalEdges
+from node.engine.edge import EdgeCore, LocalEdges
 from node.engine.supernode import SuperNodeCore
 from node.engine.types import Peer, RoundReport
 from node.ledger import CHECKPOINT_FILE, Ledger, default_db_url
-from node.run import RunContext, configure_torch, edge_trainers, model_name
+from node.run import RunContext, configure_torch, edge_cores, model_name
 from storage.store import LedgerStore
 
 
@@ -36,7 +36,7 @@ class Simulation:
     cfg: Config
     ctx: RunContext
     supernodes: list[SuperNodeCore]      # the entry first
-    trainers: list[EdgeTrainer]          # every edge node, in share order
+    edges: list[EdgeCore]                # every edge node, in share order
     coordinator: Coordinator
 
     @property
@@ -80,26 +80,26 @@ def prepare(cfg: Config, fresh: bool = False, super_nodes: int = 1,
             (root / CHECKPOINT_FILE).unlink(missing_ok=True)
         ledgers.append(Ledger.open(root, url))
     keys = [ledgers[0].key.derive(f"client-{i:03d}") for i in range(cfg.clients)]
-    trainers, bench, dataset = edge_trainers(cfg, keys, 0, cfg.clients, device)
+    edges, bench, dataset = edge_cores(cfg, keys, 0, cfg.clients, device)
     supernodes: list[SuperNodeCore] = []
     for index, ledger in enumerate(ledgers):
-        group = [t for t in trainers if t.share is not None and t.share % super_nodes == index]
+        group = [t for t in edges if t.share is not None and t.share % super_nodes == index]
         upstream: Callable[[], Peer | None] = (lambda: None) if index == 0 else (lambda: supernodes[0])
         supernodes.append(SuperNodeCore(ledger, LocalEdges(group, on_fit), upstream=upstream))
 
     def personal_layers() -> Weights | None:
-        states = [t.participant.personal_state() for t in trainers]
+        states = [t.participant.personal_state() for t in edges]
         return weighted_average([(s, 1) for s in states if s is not None]) if states[0] is not None else None
 
     def client_state() -> dict[str, bytes] | None:
-        states = {t.participant.participant_id: t.participant.personal_state() for t in trainers}
+        states = {t.participant.participant_id: t.participant.personal_state() for t in edges}
         return {pid: encode_weights(s) for pid, s in states.items() if s is not None} or None
 
     ctx = RunContext(cfg, dataset=dataset, workbench=bench, super_nodes=super_nodes,
                      personal_layers=personal_layers)
-    coordinator = Coordinator(ctx, supernodes[0], lambda: supernodes[1:], LocalEdges(trainers), wait_durable=False,
+    coordinator = Coordinator(ctx, supernodes[0], lambda: supernodes[1:], LocalEdges(edges), wait_durable=False,
                               client_state=client_state)
-    sim = Simulation(cfg, ctx, supernodes, trainers, coordinator)
+    sim = Simulation(cfg, ctx, supernodes, edges, coordinator)
     if sim.ledger.head is not None:
         try:
             _check_resumable(sim)
@@ -122,9 +122,9 @@ def _restore_clients(sim: Simulation) -> int:
     """Put back every client's personal layers stored with the head block; return the next round."""
     head = sim.ledger.head
     assert head is not None
-    if any(t.participant.personal_keys for t in sim.trainers):
+    if any(t.participant.personal_keys for t in sim.edges):
         states = sim.ledger.store.client_states()
-        for t in sim.trainers:
+        for t in sim.edges:
             pid = t.participant.participant_id
             height, blob = states.get(pid, (None, b""))
             if height != head.height:
@@ -145,14 +145,14 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
         emit(f"data: {ctx.dataset.source}; {cfg.clients} clients ({cfg.partition}) on {super_nodes} super "
              f"node{'s' if super_nodes > 1 else ''}, {cfg.algo}, model {model_name(cfg)}; ledger {ledger.store.url}")
         if ledger.head is None:
-            _, metrics = sim.coordinator.genesis(edges=LocalEdges(sim.trainers).edges())
+            _, metrics = sim.coordinator.genesis(edges=LocalEdges(sim.edges).edges())
             first = 1
             emit(f"genesis: initial model, accuracy {metrics.get('accuracy', float('nan')):.2%}")
         else:
             first = _restore_clients(sim)
             emit(f"resuming after block {ledger.head.height} (round {first - 1})")
         rows: list[dict[str, Any]] = []
-        ids = [t.node_id for t in sim.trainers]
+        ids = [t.node_id for t in sim.edges]
         for rnd in range(first, cfg.rounds + 1):
             bar = tqdm(total=len(ctx.strategy.select(rnd, ids)), desc=f"round {rnd}", leave=False,
                        disable=not progress or None)
