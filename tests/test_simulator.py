@@ -44,7 +44,7 @@ def test_simulate_writes_one_verified_block_per_round_on_each_backend(backend, t
     assert (report.head_height, report.head_hash) == (2, result["head_hash"])
     assert len(records) == 4 and block.header.participants == 4
     assert block.header.metrics["accuracy_bp"] == round(result["final_accuracy"] * 10_000)
-    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"metrics.csv", "metrics.json", "plot.png"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"metrics.csv", "metrics.json", "plot.svg"}
 
 
 def test_same_seed_gives_same_model_hash_in_every_block(tmp_path):

@@ -119,7 +119,7 @@ def config_from(args: argparse.Namespace, keys: Sequence[str] = FL_KEYS):
 def _simulate_parser(sub) -> None:
     p = sub.add_parser("simulate", help="in-process federated run: N clients, every round a signed block")
     _add_fl_flags(p)
-    p.add_argument("--out", help="folder for metrics.csv, metrics.json and plot.png (default DATA_ROOT/out)")
+    p.add_argument("--out", help="folder for metrics.csv, metrics.json and plot.svg (default DATA_ROOT/out)")
     p.add_argument("--fresh", action="store_true", help="discard the ledger in --db and start a new chain")
     p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -9,6 +9,7 @@ and the round fails. Peers are in-process or remote alike (the Peer seam).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,26 +28,37 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def ask_all(peers: Sequence[Peer], call: Callable[[Peer], T], what: str) -> tuple[dict[str, T], list[tuple[str, str]]]:
-    """``call`` on every peer in parallel: (answers by peer id, failures as (peer id, reason)). A peer that refuses
-    or cannot be reached is a failure, never an exception."""
+def ask_all(peers: Sequence[Peer], call: Callable[[Peer], T], what: str,
+            concurrent: bool = True) -> tuple[dict[str, T], list[tuple[str, str]]]:
+    """``call`` on every peer, in parallel when ``concurrent`` (remote peers), else one after the other on this
+    thread (in-process peers: torch then runs on one thread, which two OpenMP teams on a small machine slow down
+    by about a quarter). Returns (answers by peer id, failures as (peer id, reason)); a peer that refuses or
+    cannot be reached is a failure, never an exception."""
     answers: dict[str, T] = {}
     failures: list[tuple[str, str]] = []
+
+    def settle(node_id: str, result: Callable[[], T]) -> None:
+        try:
+            answers[node_id] = result()
+        except (NetError, OSError) as exc:
+            failures.append((node_id, f"super node failed to {what}: {exc}"))
+            log.warning("super node %s failed to %s: %s", node_id, what, exc)
+
+    if not concurrent:
+        for peer in sorted(peers, key=lambda p: p.node_id):
+            settle(peer.node_id, functools.partial(call, peer))
+        return answers, failures
     if not peers:
         return answers, failures
     with ThreadPoolExecutor(max_workers=min(len(peers), 16), thread_name_prefix=what) as pool:
         jobs = {peer.node_id: pool.submit(call, peer) for peer in peers}
         for node_id, job in sorted(jobs.items()):
-            try:
-                answers[node_id] = job.result()
-            except (NetError, OSError) as exc:
-                failures.append((node_id, f"super node failed to {what}: {exc}"))
-                log.warning("super node %s failed to %s: %s", node_id, what, exc)
+            settle(node_id, job.result)
     return answers, failures
 
 
 def finalize(ledger: Ledger, peers: Sequence[Peer], proposal: VerifiedBlock, *, wait_durable: bool = True,
-             client_state: dict[str, bytes] | None = None,
+             concurrent: bool = True, client_state: dict[str, bytes] | None = None,
              timings: dict[str, float] | None = None) -> tuple[VerifiedBlock, list[tuple[str, str]]]:
     """Co-sign ``proposal`` (built by ``ledger.build``) with the peers, store it here, commit it there.
 
@@ -60,7 +72,8 @@ def finalize(ledger: Ledger, peers: Sequence[Peer], proposal: VerifiedBlock, *, 
     height = block.header.height
     mark = time.perf_counter()
     data = BlockData.of(proposal)
-    cosigned, failures = ask_all(peers, lambda peer: _valid(peer.cosign(data), height, block.hash), "co-sign")
+    cosigned, failures = ask_all(peers, lambda peer: _valid(peer.cosign(data), height, block.hash), "co-sign",
+                                 concurrent)
     cosigs = [Cosignature.create(height, block.hash, ledger.key), *cosigned.values()]
     timings["cosign_s"] = time.perf_counter() - mark
     total = len(peers) + 1
@@ -75,7 +88,7 @@ def finalize(ledger: Ledger, peers: Sequence[Peer], proposal: VerifiedBlock, *, 
         ledger.accept(final, client_state)
     timings["store_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    _, refused = ask_all(peers, lambda peer: peer.commit(height, block.hash, cosigs), "commit")
+    _, refused = ask_all(peers, lambda peer: peer.commit(height, block.hash, cosigs), "commit", concurrent)
     timings["commit_s"] = time.perf_counter() - mark
     return final, failures + refused
 

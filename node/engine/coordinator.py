@@ -25,7 +25,7 @@ class Coordinator:
     """Runs rounds from the proposer over its own super node (``local``) and the other live ones (``peers()``)."""
 
     def __init__(self, ctx: RunContext, local: SuperNodeCore, peers: Callable[[], Sequence[Peer]],
-                 evaluators: EdgeDirectory | None = None, *, wait_durable: bool = True,
+                 evaluators: EdgeDirectory | None = None, *, wait_durable: bool = True, concurrent: bool = True,
                  client_state: Callable[[], dict[str, bytes] | None] | None = None):
         self.ctx = ctx
         self.local = local
@@ -33,6 +33,7 @@ class Coordinator:
         self.peers = peers                # the other live super nodes
         self.evaluators = evaluators      # reaches any edge node for personalised evaluation (default: local's)
         self.wait_durable = wait_durable  # False: a round without peers does not wait for its block's write
+        self.concurrent = concurrent      # ask the super nodes in parallel (remote) or in turn (in-process)
         self.client_state = client_state  # the simulator's per-client state, stored with each block to resume
 
     def genesis(self, edges: Sequence[EdgeRef] = ()) -> tuple[SignedBlock, dict[str, float]]:
@@ -60,7 +61,7 @@ class Coordinator:
 
     def all_edges(self, peers: Sequence[Peer]) -> list[EdgeRef]:
         """Every live edge node: this super node's own and each peer's (an unreachable peer lists none)."""
-        listed, _ = ask_all(peers, lambda peer: peer.edges(), "list edge nodes")
+        listed, _ = ask_all(peers, lambda peer: peer.edges(), "list edge nodes", self.concurrent)
         return self.local.edges() + [e for edges in listed.values() for e in edges]
 
     def evaluate(self, model: Base, edges: Sequence[EdgeRef] = ()) -> dict[str, float]:
@@ -128,6 +129,7 @@ class Coordinator:
                                      timestamp_ms=self.ctx.timestamp(round), weights_blob=model.blob)
         timings["block_s"] = time.perf_counter() - mark
         final, refused = finalize(self.ledger, peers, proposal, wait_durable=self.wait_durable,
+                                  concurrent=self.concurrent,
                                   client_state=self.client_state() if self.client_state else None, timings=timings)
         failures += refused
         block = final.block
@@ -147,5 +149,5 @@ class Coordinator:
             check_partial(partial, announcement, base)
             return partial
 
-        answers, failures = ask_all(everyone, partial_of, "train")
+        answers, failures = ask_all(everyone, partial_of, "train", self.concurrent)
         return [answers[node_id] for node_id in sorted(answers)], failures

@@ -24,6 +24,7 @@ from node.engine.supernode import SuperNodeCore
 from node.engine.types import Peer, RoundReport
 from node.ledger import CHECKPOINT_FILE, Ledger, default_db_url
 from node.run import RunContext, configure_torch, edge_cores, model_name
+from node.sim.plot import svg_chart
 from storage.store import LedgerStore
 
 
@@ -98,7 +99,7 @@ def prepare(cfg: Config, fresh: bool = False, super_nodes: int = 1,
     ctx = RunContext(cfg, dataset=dataset, workbench=bench, super_nodes=super_nodes,
                      personal_layers=personal_layers)
     coordinator = Coordinator(ctx, supernodes[0], lambda: supernodes[1:], LocalEdges(edges), wait_durable=False,
-                              client_state=client_state)
+                              concurrent=False, client_state=client_state)
     sim = Simulation(cfg, ctx, supernodes, edges, coordinator)
     if sim.ledger.head is not None:
         try:
@@ -199,7 +200,7 @@ def _round_line(report: RoundReport, total: int) -> str:
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
-    """metrics.csv, metrics.json and plot.png (accuracy and loss per round) in ``out``."""
+    """metrics.csv, metrics.json and plot.svg (accuracy and loss per round) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     columns = sorted({k for row in rows for k in row}, key=lambda k: (k != "round", k))
     with open(out / "metrics.csv", "w", newline="") as handle:
@@ -207,21 +208,4 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], result: dict[str, Any])
         writer.writeheader()
         writer.writerows(rows)
     (out / "metrics.json").write_text(json.dumps({"summary": result, "rounds": rows}, indent=2) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    xs = [r["round"] for r in rows]
-    for key, label in (("accuracy", "global"), ("personal_accuracy_mean", "personal (mean)")):
-        if any(key in r for r in rows):
-            ax1.plot(xs, [r.get(key) for r in rows], marker="o", label=label)
-    for key, label in (("loss", "global test"), ("train_loss", "clients' training")):
-        if any(key in r for r in rows):
-            ax2.plot(xs, [r.get(key) for r in rows], marker="o", label=label)
-    ax1.set(title="accuracy", xlabel="round")
-    ax2.set(title="loss", xlabel="round")
-    ax1.legend()
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out / "plot.png", dpi=100)
-    plt.close(fig)
+    (out / "plot.svg").write_text(svg_chart(rows))
