@@ -52,6 +52,9 @@ def test_compose_file_declares_mysql_two_supernodes_and_four_edge_nodes_with_dis
     assert len({v["environment"]["FLEDGER_DB"] for v in supernodes.values()}) == 2
     assert len({v["environment"]["FLEDGER_PARTITION_INDEX"] for v in edges.values()}) == len(edges)
     assert all(v["build"] == "." for v in [*supernodes.values(), *edges.values()])
+    # edge nodes start once every super node serves, so edge i goes to super node i mod K as in `simulate --sn K`
+    assert all({k: d["condition"] for k, d in v["depends_on"].items()} == dict.fromkeys(supernodes, "service_healthy")
+               for v in edges.values())
 
 
 def local_env(env: dict, run_id: str, server) -> dict[str, str]:

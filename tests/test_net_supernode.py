@@ -1,19 +1,21 @@
 """Super nodes on loopback with real ledgers: registry over gRPC, edge join, co-sign/commit, late-joiner sync."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from sqlalchemy import text
 
 from chain.block import Cosignature, SignedBlock, SignedRecord, UpdateRecord, build_header
 from chain.keys import NodeKey
 from chain.tensors import encode_weights, model_hash
 from chain.verify import VerifiedBlock, verify_chain
 from config import Config
-from conftest import free_port, wait_until
+from conftest import free_port, raw_connection, wait_until
 from node.engine.consensus import finalize
 from node.engine.edge import EdgeCore
 from node.engine.errors import NoMajorityError
@@ -316,3 +318,27 @@ def test_get_model_streams_the_head_model(entry: SuperNode) -> None:
         weights, digest = transport.receive_weights(chunks)
 
     assert model_hash(weights) == digest == model_hash(WEIGHTS)
+
+
+def test_a_storage_failure_while_catching_up_does_not_end_the_heartbeat(tmp_path: Path) -> None:
+    def sn(name: str, entry: str | None) -> SuperNode:
+        ledger = Ledger.open(tmp_path / name, key=NodeKey.from_seed(name.encode()))
+        node = SuperNode(ledger, "127.0.0.1:0", Config(data_root=str(tmp_path / name)), entry=entry,
+                         heartbeat_interval=BEAT, missed_beats=5, genesis=False)   # silent 1 s: dropped
+        return node
+
+    entry = sn("entry", None)
+    entry.start()
+    genesis(entry)
+    broken = sn("broken", entry.address)
+    with raw_connection(f"sqlite:///{tmp_path / 'broken' / 'ledger.db'}") as conn:
+        conn.execute(text("ALTER TABLE model_chunks RENAME TO model_chunks_gone"))   # every block write fails
+    broken.start()
+    try:
+        assert wait_until(lambda: len(entry.registry) == 2), "the super node did not register"
+        time.sleep(15 * BEAT)   # three times the drop timeout after the failed catch-up
+
+        assert broken.ledger.head is None   # the catch-up failed, yet the node still heartbeats:
+        assert [m.node_id for m in entry.registry.members()] == sorted([entry.key.node_id, broken.key.node_id])
+    finally:
+        stop(broken, entry)
