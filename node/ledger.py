@@ -2,6 +2,7 @@
 signed checkpoint."""
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -16,11 +17,13 @@ from chain.keys import NodeKey
 from chain.tensors import encode_weights, model_hash
 from chain.verify import Head, VerifiedBlock, VerifyReport, extends, verify_block, verify_chain
 from storage.store import LedgerStore, NotExtendingHead
-from storage.writer import BackgroundWriter
+from storage.writer import BackgroundWriter, WriterFailed
 
 KEY_FILE = "node.key"
 CHECKPOINT_FILE = "checkpoint.json"
 DB_FILE = "ledger.db"
+
+log = logging.getLogger(__name__)
 
 
 def default_db_url(data_dir: str | Path) -> str:
@@ -75,8 +78,13 @@ class Ledger:
         return self._authority
 
     def close(self) -> None:
+        """Write what is queued and release the database. A write that failed earlier is logged, not raised: the
+        store keeps every block up to its durable head, and closing must not fail on top of it."""
         try:
             self.writer.flush()
+        except WriterFailed as exc:
+            log.error("closing the ledger after a failed write (durable head %s): %s",
+                      self._durable.height if self._durable else "none", exc)
         finally:
             self.writer.close()
             self.store.close()

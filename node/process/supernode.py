@@ -78,7 +78,7 @@ class SuperNode:
         self._stop.set()
         self._thread.join(timeout=5)
         self.server.stop(grace).wait()
-        self.ledger.flush()
+        self.ledger.close()
 
     # ---- who the other super nodes are ----------------------------------------------------------------------
 
