@@ -36,6 +36,32 @@ def test_cluster_command_trains_and_every_chain_verifies_with_equal_heads(tmp_pa
     assert leftovers == [], "node processes outlived the cluster command"
 
 
+def model_hashes(db: Path) -> list[str]:
+    from storage.store import LedgerStore
+    store = LedgerStore(f"sqlite:///{db}")
+    try:
+        return [store.get_block(h)[0].header.model_hash for h in range(store.count())]
+    finally:
+        store.close()
+
+
+def test_cluster_and_simulate_with_two_super_nodes_give_the_same_model_in_every_block(tmp_path):
+    common = ["--rounds", "2", "--model", "2nn", "--seed", "5", "--reproducible"]
+    cluster = subprocess.run([sys.executable, "main.py", "cluster", "--sn", "2", "--en", "4", *common,
+                              "--data-root", str(tmp_path / "net")],   # each node: one torch thread
+                             cwd=ROOT, capture_output=True, text=True, timeout=400)
+    simulate = subprocess.run([sys.executable, "main.py", "simulate", "--sn", "2", "--clients", "4", *common,
+                               "--threads", "1", "--no-progress", "--data-root", str(tmp_path / "sim")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=400)
+
+    assert cluster.returncode == 0, cluster.stdout[-3000:] + cluster.stderr[-3000:]
+    assert simulate.returncode == 0, simulate.stdout[-3000:] + simulate.stderr[-3000:]
+    net = model_hashes(tmp_path / "net" / "cluster" / "sn0" / "ledger.db")
+    assert len(net) == 3
+    assert net == model_hashes(tmp_path / "net" / "cluster" / "sn1" / "ledger.db")
+    assert net == model_hashes(tmp_path / "sim" / "ledger.db") == model_hashes(tmp_path / "sim" / "sn1" / "ledger.db")
+
+
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
