@@ -131,6 +131,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fl.server import RoundFailed
     from node.engine.errors import NoMajorityError
     from node.sim.simulator import simulate
+    from storage.writer import WriterFailed
     cfg = config_from(args)
     if args.sn < 1:
         raise UsageError(f"--sn must be at least 1, got {args.sn}")
@@ -139,7 +140,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = args.out or str(Path(cfg.data_root) / "out")
     try:
         result = simulate(cfg, fresh=args.fresh, out_dir=out, progress=not args.no_progress, super_nodes=args.sn)
-    except (RoundFailed, NoMajorityError) as exc:
+    except (RoundFailed, NoMajorityError, WriterFailed) as exc:
         print(f"simulation stopped: {exc}; the chain keeps every block before it (rerun to resume)", file=sys.stderr)
         return 1
     print(f"done: {result['rounds_run']} rounds in {result['wall_s']:.1f} s; final accuracy "

@@ -44,7 +44,9 @@ class Coordinator:
         proposal = self.ledger.build(round=0, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
                                      weights=weights, records=[], metrics=integer_metrics(metrics),
                                      timestamp_ms=self.ctx.timestamp(0))
-        self.ledger.accept(proposal, self.client_state() if self.client_state else None).result()
+        durable = self.ledger.accept(proposal, self.client_state() if self.client_state else None)
+        if self.wait_durable:
+            durable.result()
         block = proposal.block
         self.local.remember(Base(0, block.header.model_hash, weights, proposal.weights_blob))
         log.info("genesis block %s (model %s)", block.hash[:16], block.header.model_hash[:16])

@@ -5,6 +5,7 @@ train their share, verify, co-sign and store, exactly as over gRPC. Edge node ``
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -141,6 +142,9 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
     started = time.perf_counter()
     bar: tqdm | None = None
     sim = prepare(cfg, fresh, super_nodes, on_fit=lambda: bar.update(1) if bar is not None else None)
+    # What is loaded now (modules, the dataset, the model) lives to the end: keep the collector from walking it
+    # again at every collection of the run.
+    gc.freeze()
     ledger, ctx = sim.ledger, sim.ctx
     try:
         emit(f"data: {ctx.dataset.source}; {cfg.clients} clients ({cfg.partition}) on {super_nodes} super "
@@ -155,11 +159,13 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
         rows: list[dict[str, Any]] = []
         ids = [t.node_id for t in sim.edges]
         for rnd in range(first, cfg.rounds + 1):
-            bar = tqdm(total=len(ctx.strategy.select(rnd, ids)), desc=f"round {rnd}", leave=False,
-                       disable=not progress or None)
+            if progress:
+                bar = tqdm(total=len(ctx.strategy.select(rnd, ids)), desc=f"round {rnd}", leave=False,
+                           disable=None)
             report = sim.coordinator.run_round(rnd)
-            bar.close()
-            bar = None
+            if bar is not None:
+                bar.close()
+                bar = None
             seconds = report.timings["round_s"]
             rows.append({"round": rnd, "seconds": round(seconds, 3), "clients": report.participants,
                          "failures": len(report.failures), **report.metrics})
