@@ -17,7 +17,7 @@ from chain.tensors import model_hash
 from config import Config
 from fl.participant import EvalRes, FitIns, FitRes, Participant
 from node.engine.coordinator import Coordinator
-from node.engine.errors import BadRequestError, NotFoundError, PreconditionError, UnavailableError
+from node.engine.errors import BadRequestError, NoMajorityError, NotFoundError, PreconditionError, UnavailableError
 from node.engine.partial import check_partial
 from node.engine.receipts import sign_update
 from node.engine.supernode import SuperNodeCore
@@ -300,3 +300,19 @@ def test_commit_after_the_head_moved_is_refused_and_stores_nothing(tmp_path: Pat
     with pytest.raises((NotFoundError, PreconditionError)):
         peer.commit(1, data.block.hash, [Cosignature.create(1, data.block.hash, entry.key)])
     assert peer.ledger.head is not None and peer.ledger.head.hash == rival.block.hash
+
+
+def test_a_super_node_listed_twice_counts_once_towards_the_majority(tmp_path: Path) -> None:
+    entry = core(tmp_path, "entry", ScriptedEdges([0]))
+    twin = core(tmp_path, "twin", ScriptedEdges([]), upstream=entry)
+    genesis(entry)
+
+    class Alias:   # the same super node (same key) under a second id
+        node_id = "twin-alias"
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(twin, name)
+
+    dead = [Unreachable(f"dead{i}") for i in range(2)]
+    with pytest.raises(NoMajorityError, match="2 of 5"):
+        coordinator(tmp_path, entry, [twin, Alias(), *dead]).run_round(1)  # type: ignore[list-item]

@@ -8,7 +8,6 @@ and the round fails. Peers are in-process or remote alike (the Peer seam).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -74,13 +73,20 @@ def finalize(ledger: Ledger, peers: Sequence[Peer], proposal: VerifiedBlock, *, 
     data = BlockData.of(proposal)
     cosigned, failures = ask_all(peers, lambda peer: _valid(peer.cosign(data), height, block.hash), "co-sign",
                                  concurrent)
-    cosigs = [Cosignature.create(height, block.hash, ledger.key), *cosigned.values()]
+    # One vote per key: a super node listed under two ids answers twice with the same key and counts once.
+    by_key = {ledger.key.public_hex: Cosignature.create(height, block.hash, ledger.key)}
+    for node_id, cosig in sorted(cosigned.items()):
+        if cosig.signer_key in by_key:
+            failures.append((node_id, "co-signed with a key that has already co-signed; counted once"))
+        else:
+            by_key[cosig.signer_key] = cosig
+    cosigs = list(by_key.values())
     timings["cosign_s"] = time.perf_counter() - mark
     total = len(peers) + 1
     if len(cosigs) * 2 <= total:
         raise NoMajorityError(f"block {height} got {len(cosigs)} of {total} co-signatures; no majority, "
                               "so it was not stored")
-    final = dataclasses.replace(proposal, cosignatures=tuple(cosigs))
+    final = proposal.cosigned(cosigs)
     mark = time.perf_counter()
     if peers or wait_durable:
         store(ledger, final, client_state)   # final here only once durable

@@ -3,13 +3,12 @@ of an announced round, verifies and co-signs proposed blocks, stores committed o
 the in-process Peer; the gRPC service is a thin wrapper around it."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from chain.block import Cosignature
-from chain.verify import VerifiedBlock
+from chain.verify import VerificationError, VerifiedBlock
 from node.engine.errors import BadRequestError, NotFoundError, PreconditionError
 from node.engine.partial import train_partial
 from node.engine.sync import store, sync_from, verify
@@ -108,9 +107,7 @@ class SuperNodeCore:
             verified = self._pending.get(block_hash)
         if verified is None or verified.block.header.height != height:
             raise NotFoundError(f"no proposed block {block_hash} at height {height} is pending here; propose it first")
-        check_cosignatures(verified, cosignatures)
-        final = dataclasses.replace(verified, cosignatures=tuple(cosignatures))
-        store(self.ledger, final)
+        store(self.ledger, with_cosignatures(verified, cosignatures))
         with self._lock:
             # Drop this block and any other proposal for the same height: only one can ever extend the chain.
             self._pending = {h: b for h, b in self._pending.items() if b.block.header.height > height}
@@ -136,14 +133,14 @@ class SuperNodeCore:
             yield BlockData.of(verified)
 
 
-def check_cosignatures(verified: VerifiedBlock, cosignatures: Sequence[Cosignature]) -> None:
-    """A commit needs valid co-signatures for this block, each signer once, the proposer's among them."""
-    header, block_hash = verified.block.header, verified.block.hash
-    bad = [c.signer_key[:16] for c in cosignatures if not c.valid_for(header.height, block_hash)]
-    if bad or not cosignatures:
-        raise BadRequestError(f"commit needs valid co-signatures; bad or missing: {bad or 'none given'}")
-    if len({c.signer_key for c in cosignatures}) != len(cosignatures):
-        raise BadRequestError("commit lists a co-signer twice")
-    # Only the proposer declares a block final: its own co-signature must be among them.
-    if header.proposer_key not in {c.signer_key for c in cosignatures}:
+def with_cosignatures(verified: VerifiedBlock, cosignatures: Sequence[Cosignature]) -> VerifiedBlock:
+    """The block with the co-signatures that finalise it: each valid, each signer once (``VerifiedBlock.cosigned``),
+    and the proposer's among them, since only the proposer declares a block final (BadRequestError otherwise)."""
+    if not cosignatures:
+        raise BadRequestError("commit needs valid co-signatures; none given")
+    if verified.block.header.proposer_key not in {c.signer_key for c in cosignatures}:
         raise BadRequestError("commit lacks the proposer's co-signature; only the proposer finalises a block")
+    try:
+        return verified.cosigned(cosignatures)
+    except VerificationError as exc:
+        raise BadRequestError(f"commit refused: {exc}") from exc
