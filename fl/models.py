@@ -5,17 +5,15 @@ node that builds the initial global model from the run's seed gets bit-identical
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
-
 
 class McMahanCNN(nn.Module):
-    """Two 5x5 conv layers (32, 64 channels) with 2x2 max-pooling, fc 512, softmax output; 1,663,370 parameters on MNIST."""
+    """Two 5x5 conv layers (32, 64 channels) with 2x2 max-pooling, fc 512, softmax output; 1,663,370 parameters on
+    MNIST."""
 
     personal_prefixes: tuple[str, ...] = ("fc2.",)
 
@@ -30,7 +28,8 @@ class McMahanCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        out: Tensor = self.fc2(F.relu(self.fc1(x.flatten(1))))
+        return out
 
 
 class McMahan2NN(nn.Module):
@@ -45,11 +44,13 @@ class McMahan2NN(nn.Module):
         self.fc3 = nn.Linear(200, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+        out: Tensor = self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+        return out
 
 
 class CifarCNN(nn.Module):
-    """TensorFlow-tutorial style CIFAR-10 CNN (conv 64, conv 64 + BatchNorm, fc 384, 192); BatchNorm exercises buffers."""
+    """TensorFlow-tutorial style CIFAR-10 CNN (conv 64, conv 64 + BatchNorm, fc 384, 192); BatchNorm exercises
+    buffers."""
 
     personal_prefixes: tuple[str, ...] = ("fc3.",)
 
@@ -67,7 +68,8 @@ class CifarCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+        out: Tensor = self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+        return out
 
 
 MODELS: dict[str, type[nn.Module]] = {"cnn": McMahanCNN, "2nn": McMahan2NN, "cifar-cnn": CifarCNN}

@@ -5,13 +5,9 @@ Shuffling is the only randomness: epoch ``e`` visits ``torch.randperm(n, generat
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def train(
@@ -26,7 +22,8 @@ def train(
     seed: int,
     device: str = "cpu",
 ) -> dict[str, float | int]:
-    """Mini-batch SGD in place; returns the last epoch's running (on-the-fly) mean loss and accuracy, and the sample count."""
+    """Mini-batch SGD in place; returns the last epoch's running (on-the-fly) mean loss and accuracy, and the sample
+    count."""
     n = len(x)
     if n == 0:
         raise ValueError("cannot train on zero samples")
@@ -46,7 +43,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch ships this method without annotations
             optimizer.step()
             loss_sum += loss.item() * len(batch)
             correct += int((logits.argmax(1) == yb).sum())

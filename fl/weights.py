@@ -1,14 +1,12 @@
-"""Convert between a torch model's state and the plain ``dict[str, numpy.ndarray]`` weights used at every fl interface."""
+"""Convert between a torch model's state and the plain ``dict[str, numpy.ndarray]`` weights used at every fl
+interface."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 Weights = dict[str, np.ndarray]
 
