@@ -46,7 +46,8 @@ class SuperNodeCore:
         height = head.height if height is None else height
         with self._lock:
             cached = self._base
-        if cached is not None and cached.height == height:
+        if cached is not None and cached.height == height \
+                and (height != head.height or cached.model_hash == head.model_hash):
             return cached
         self.ledger.flush()
         block, _ = self.ledger.get_block(height)
