@@ -1,6 +1,7 @@
 """One engine factory for SQLite and MySQL/MariaDB URLs; backend differences live here."""
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -10,6 +11,21 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 class StorageUnavailable(RuntimeError):
     """The database URL is malformed or the server cannot be reached."""
+
+
+def sibling_url(url: str, suffix: str) -> str:
+    """Another database beside ``url``, for another node of the same run: on MySQL the database name with
+    ``_SUFFIX`` appended, on SQLite the file name with ``_SUFFIX`` before its extension."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StorageUnavailable(f"bad database URL {url!r}: use sqlite:///PATH or "
+                                 "mysql+pymysql://user:pw@host:3306/db?charset=utf8mb4") from exc
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        path = PurePath(parsed.database)
+        return parsed.set(database=str(path.with_name(f"{path.stem}_{suffix}{path.suffix}"))) \
+            .render_as_string(hide_password=False)
+    return parsed.set(database=f"{parsed.database or 'fledger'}_{suffix}").render_as_string(hide_password=False)
 
 
 def make_engine(url: str, *, create_database: bool = True) -> Engine:

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.engine import make_url
 
 from chain.keys import NodeKey
 from chain.verify import verify_chain
 from config import Config
+from conftest import mysql_admin_execute
 from node.ledger import KEY_FILE
 from node.sim.simulator import ResumeMismatch, simulate
+from storage.engine import sibling_url
 from storage.store import LedgerStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +144,23 @@ def test_two_simulated_super_nodes_each_store_every_block_with_both_cosignatures
             assert [len(store.cosignatures(h)) for h in (1, 2)] == [2, 2]
         finally:
             store.close()
+
+
+def test_two_simulated_super_nodes_keep_their_ledgers_side_by_side_on_each_backend(backend, tmp_path):
+    peer_url = sibling_url(backend, "sn1")
+    try:
+        result = run(replace(SMALL, data_root=str(tmp_path), db=backend), super_nodes=2)
+
+        for url in (backend, peer_url):
+            store = LedgerStore(url)
+            try:
+                assert verify_chain(store).head_hash == result["head_hash"]
+            finally:
+                store.close()
+    finally:
+        if backend.startswith("mysql"):
+            server = make_url(peer_url)
+            mysql_admin_execute(server, f"DROP DATABASE IF EXISTS `{server.database}`")
 
 
 def test_two_super_nodes_aggregate_in_two_levels_so_the_models_differ_from_one(tmp_path):

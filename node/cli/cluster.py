@@ -95,13 +95,6 @@ def stop_all(nodes: Sequence[NodeProcess], grace: float = 10.0) -> None:
             node.popen.wait()
 
 
-def mysql_url_for(url: str, name: str) -> str:
-    """Each SN gets its own database on the server: append _NAME to the database in the URL."""
-    from sqlalchemy.engine import make_url
-    parsed = make_url(url)
-    return parsed.set(database=f"{parsed.database or 'fledger'}_{name}").render_as_string(hide_password=False)
-
-
 def wait_for_members(entry: str, supernodes: int, edges: int, timeout: float) -> None:
     """Poll the entry until it lists ``supernodes`` SNs carrying ``edges`` ENs in total."""
     deadline = time.monotonic() + timeout
@@ -178,6 +171,7 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
     """
     import shutil
 
+    from storage.engine import sibling_url
     from storage.store import LedgerStore
     root = Path(cfg.data_root).resolve() / "cluster"
     shutil.rmtree(root, ignore_errors=True)     # a cluster run starts from fresh chains
@@ -193,7 +187,7 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
         for i in range(supernodes):
             args = ["--config", str(conf), "--nt", "SN", "--port", "0"]
             if cfg.db:
-                url = mysql_url_for(cfg.db, f"sn{i}")
+                url = sibling_url(cfg.db, f"sn{i}")
                 LedgerStore(url).reset()
                 args += ["--db", url]
             sn_args.append(args)

@@ -26,6 +26,7 @@ from node.engine.types import Peer, RoundReport
 from node.ledger import CHECKPOINT_FILE, Ledger, default_db_url
 from node.run import RunContext, configure_torch, edge_cores, model_name
 from node.sim.plot import svg_chart
+from storage.engine import sibling_url
 from storage.store import LedgerStore
 
 
@@ -51,18 +52,12 @@ class Simulation:
 
 
 def _ledger_location(cfg: Config, index: int) -> tuple[Path, str]:
-    """Super node ``index``'s data root and database: the run's own for the entry, DATA_ROOT/sn<index> beside it
-    (SQLite there, or the MySQL database named with a _sn<index> suffix) for the others."""
+    """Super node ``index``'s data root and database: the run's own for the entry; for the others DATA_ROOT/sn<index>
+    and its SQLite file, or with --db the database beside it named with a _sn<index> suffix (as `cluster` does)."""
     root = Path(cfg.data_root) if index == 0 else Path(cfg.data_root) / f"sn{index}"
     if cfg.db is None:
         return root, default_db_url(root)
-    if index == 0:
-        return root, cfg.db
-    from sqlalchemy.engine import make_url
-    url = make_url(cfg.db)
-    if url.get_backend_name() == "sqlite":
-        return root, default_db_url(root)
-    return root, url.set(database=f"{url.database or 'fledger'}_sn{index}").render_as_string(hide_password=False)
+    return root, cfg.db if index == 0 else sibling_url(cfg.db, f"sn{index}")
 
 
 def prepare(cfg: Config, fresh: bool = False, super_nodes: int = 1,
