@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl.aggregate import Weights
 from fl.data import Dataset
 from fl.participant import EvalRes, FitIns, FitRes
 from fl.train import evaluate as evaluate_model
 from fl.train import train as train_model
-from fl.weights import Weights, load_numpy, state_to_numpy
+from fl.weights import load_numpy, state_to_numpy
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-Weights = dict[str, np.ndarray]
+from fl.aggregate import Weights
 
 
 def state_to_numpy(model: nn.Module, keys: Iterable[str] | None = None) -> Weights:

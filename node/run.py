@@ -12,13 +12,14 @@ import torch
 
 from chain.keys import NodeKey
 from config import Config, ConfigError, local_test_fraction
+from fl.aggregate import Weights
 from fl.data import Dataset, load_dataset
 from fl.local import InProcessParticipant, Workbench
 from fl.models import build_model, default_model_for
 from fl.partition import local_split, partition
 from fl.strategy import FedAvg, make_strategy
 from fl.train import evaluate as evaluate_model
-from fl.weights import Weights, load_numpy, state_to_numpy
+from fl.weights import load_numpy, state_to_numpy
 from node.engine.edge import EdgeCore
 
 
@@ -72,15 +73,14 @@ def timestamp(cfg: Config, round: int) -> int:
     return round * 1000 if cfg.reproducible else int(time.time() * 1000)
 
 
-def edge_cores(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_count: int, device: str = "cpu",
-                  dataset: Dataset | None = None,
-                  workbench: Workbench | None = None) -> tuple[list[EdgeCore], Workbench, Dataset]:
+def edge_cores(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_count: int,
+               device: str = "cpu") -> tuple[list[EdgeCore], Workbench, Dataset]:
     """Edge nodes for shares ``first_share`` .. ``+len(keys)-1`` of ``share_count``: the data and initial model the
     simulator gives those clients, all seeded by ``cfg.seed``. They share one dataset in memory and train in turn
     on one model (the returned Workbench)."""
     if first_share < 0 or first_share + len(keys) > share_count:
         raise ConfigError(f"data shares {first_share}..{first_share + len(keys) - 1} are outside 0..{share_count - 1}")
-    dataset = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     if share_count > len(dataset.train_y):
         raise ConfigError(f"{share_count} clients but only {len(dataset.train_y)} training samples; "
                          "use fewer --clients")
@@ -89,12 +89,11 @@ def edge_cores(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_cou
     shared = strategy_for(cfg).shared_keys(model)
     state = state_to_numpy(model)
     personal = {k: state[k] for k in state if k not in set(shared)} or None
-    bench = workbench or Workbench(model, device)
-    trainers = [EdgeCore(InProcessParticipant(f"client-{first_share + i:03d}", dataset,
-                                                 *shares[first_share + i], bench, shared, personal),
-                            key, share=first_share + i)
-                for i, key in enumerate(keys)]
-    return trainers, bench, dataset
+    bench = Workbench(model, device)
+    cores = [EdgeCore(InProcessParticipant(f"client-{first_share + i:03d}", dataset, *shares[first_share + i], bench,
+                                           shared, personal), key, share=first_share + i)
+             for i, key in enumerate(keys)]
+    return cores, bench, dataset
 
 
 class RunContext:

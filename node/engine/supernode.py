@@ -49,9 +49,8 @@ class SuperNodeCore:
         if cached is not None and cached.height == height \
                 and (height != head.height or cached.model_hash == head.model_hash):
             return cached
-        self.ledger.flush()
-        block, _ = self.ledger.get_block(height)
-        base = Base(height, block.header.model_hash, self.ledger.load_weights(height))
+        model_hash = head.model_hash if height == head.height else self.ledger.get_block(height)[0].header.model_hash
+        base = Base(height, model_hash, self.ledger.load_weights(height))   # waits for a queued write
         with self._lock:
             self._base = base
         return base
@@ -118,7 +117,6 @@ class SuperNodeCore:
         head = self.ledger.head
         if head is None or height > head.height:
             raise NotFoundError(f"no block at height {height}")
-        self.ledger.flush()
         block, _ = self.ledger.get_block(height)
         return block.header.model_hash, self.ledger.load_weights_blob(height)
 

@@ -7,15 +7,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.tensors import encode_weights, model_hash
 from chain.verify import VerifiedBlock
+from fl.aggregate import Weights
 from fl.participant import Participant
 from fl.strategy import FedAvg, make_strategy
-
-Weights = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,6 @@ class SuperNode:
         head = self.ledger.head
         if head is None or height > head.height:
             raise NotFoundError(f"no block at height {height}")
-        self.ledger.flush()
         block, records = self.ledger.get_block(height)
         return BlockView(block, records)
 

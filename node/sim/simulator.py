@@ -17,8 +17,7 @@ from tqdm import tqdm
 
 from chain.tensors import decode_weights, encode_weights
 from config import Config, ConfigError
-from fl.aggregate import weighted_average
-from fl.weights import Weights
+from fl.aggregate import Weights, weighted_average
 from node.engine.coordinator import Coordinator
 from node.engine.edge import EdgeCore, LocalEdges
 from node.engine.supernode import SuperNodeCore
