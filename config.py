@@ -72,6 +72,12 @@ class Config:
     heartbeat_s: float = 2.0            # interval between heartbeats
     dead_after_s: float = 10.0          # a member silent this long is dropped
     max_edges_per_sn: int = 64          # an SN refuses edge nodes beyond this
+    # --- security (see README, "Secure mode") -------------------------------------------------------
+    secure: bool = False                # mutual TLS and admission by join token (default off loopback)
+    insecure: bool = False              # allow open mode on a non-loopback address
+    join: str | None = None             # join token, or @FILE holding one (a node's first start in secure mode)
+    join_port: int | None = None        # entry: port serving joins (default: its port + 1)
+    join_address: str | None = None     # joining node: HOST:PORT of the entry's join port (default: entry port + 1)
 
 
 ALIASES = {
@@ -193,6 +199,7 @@ def validate(cfg: Config) -> Config:
         ("local_test_fraction", cfg.local_test_fraction is None or 0 <= cfg.local_test_fraction < 1,
          "in [0, 1)"),
         ("port", 0 <= cfg.port <= 65535, "a port number"),
+        ("join_port", cfg.join_port is None or 0 <= cfg.join_port <= 65535, "a port number"),
         ("partition_index", 0 <= cfg.partition_index < max(cfg.partition_count, 1),
          "in 0..partition_count-1"),
         ("hosted_edges", cfg.hosted_edges >= 1

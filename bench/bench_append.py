@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chain.block import SignedBlock, SignedRecord, UpdateRecord, build_header  # noqa: E402
+from chain.block import Cosignature, SignedBlock, SignedRecord, UpdateRecord, build_header  # noqa: E402
 from chain.keys import NodeKey  # noqa: E402
 from chain.tensors import encode_weights, model_hash  # noqa: E402
 from chain.verify import verify_block  # noqa: E402
@@ -71,7 +71,9 @@ def bench_store(url: str, repeat: int) -> tuple[list[float], list[float]]:
                                   metrics={}, proposer=PROPOSER)
             block, blob = SignedBlock.create(header, PROPOSER), encode_weights(weights)
             t0 = time.perf_counter()
-            verified = verify_block(block, records, blob, prev=store.head(), authorities=[PROPOSER.public_hex])
+            cosigs = [Cosignature.create(round_, block.hash, PROPOSER)]   # the only validator: final
+            verified = verify_block(block, records, blob, cosigs, prev=store.head(),
+                                    authorities=[PROPOSER.public_hex])
             t1 = time.perf_counter()
             store.append(verified)
             verify_times.append(t1 - t0)
@@ -98,6 +100,7 @@ def bench_ledger(url: str, repeat: int, data_dir: Path) -> tuple[list[float], li
             t0 = time.perf_counter()
             built = ledger.build(round=round_, algorithm="fedavg", params={}, weights=weights, records=records,
                                  metrics={}, timestamp_ms=round_)
+            built = built.cosigned([Cosignature.create(built.header.height, built.block.hash, ledger.key)])
             durable = ledger.accept(built)
             blocked.append(time.perf_counter() - t0)
             durable.result()

@@ -7,6 +7,8 @@ Each variant is a separate `main.py` process, run ``--repeat`` times, interleave
   process on loopback, the SN's ledger in SQLite or in MariaDB;
 - ``net-2sn``: `main.py cluster --sn 2 --en 4`, so a peer super node trains two edges, verifies, co-signs and
   stores every block;
+- ``net-2sn-open``: the same in open mode (``--insecure``: no TLS, no join tokens); ``net-2sn`` and every other
+  cluster variant run in secure mode (mutual TLS on every channel), the cluster's default;
 - ``fifty`` (once per repeat, after the others): `main.py cluster --sn 2 --en 50 --en-per-process 10`, one round.
 
 With ``--baseline DIR`` (a checkout of an earlier commit) every network variant also runs from that checkout,
@@ -17,7 +19,9 @@ loads in every process), as medians per run and then the median over runs. The n
 the entry's own timings of each round (see node/engine/coordinator.py Coordinator.run_round). Usage:
 
     python bench/bench_network.py [--repeat 3] [--rounds 10] [--mysql URL] [--skip-mysql] [--skip-fifty]
-                                  [--baseline DIR]
+                                  [--baseline DIR] [--only NAME,NAME]
+
+``--only net-2sn,net-2sn-open --skip-fifty`` measures what secure mode costs a round.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ def main() -> int:
     parser.add_argument("--skip-mysql", action="store_true")
     parser.add_argument("--skip-fifty", action="store_true")
     parser.add_argument("--baseline", type=Path, help="a checkout of an earlier commit to compare the network with")
+    parser.add_argument("--only", help="comma-separated variants to run (default: all)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fledger-net-"))
     w1 = ["--rounds", str(args.rounds), "--partition", "iid", "--local-epochs", "1", "--batch-size", "32",
@@ -71,12 +76,20 @@ def main() -> int:
                        "--data-root", str(work / "net-sqlite")],
         "net-2sn": [sys.executable, "main.py", "cluster", *w1, "--sn", "2", "--en", "4", "--json",
                     "--data-root", str(work / "net-2sn")],
+        "net-2sn-open": [sys.executable, "main.py", "cluster", *w1, "--sn", "2", "--en", "4", "--json",
+                         "--insecure", "--data-root", str(work / "net-2sn-open")],
     }
     if not args.skip_mysql:
         variants["net-mariadb"] = [sys.executable, "main.py", "cluster", *w1, "--sn", "1", "--en", "4", "--json",
                                    "--data-root", str(work / "net-mariadb"), "--db", args.mysql]
     fifty = [sys.executable, "main.py", "cluster", *w1[2:], "--rounds", "1", "--sn", "2", "--en", "50",
              "--en-per-process", "10", "--json", "--data-root", str(work / "fifty")]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - set(variants)
+        if unknown:
+            sys.exit(f"--only: unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(variants)}")
+        variants = {name: cmd for name, cmd in variants.items() if name in wanted}
 
     runs = [(name, cmd, ROOT) for name, cmd in variants.items()]
     if args.baseline:
@@ -117,10 +130,13 @@ def main() -> int:
                   flush=True)
 
     print(f"\nmedians over {args.repeat} runs (each run: median of rounds 2..{args.rounds}):")
-    sim = median(per_round["sim"])
+    sim = median(per_round["sim"]) if "sim" in per_round else float("nan")
     for name, values in per_round.items():
         print(f"  {name:12s} round {median(values):6.3f} s   ratio to sim {median(values) / sim:.3f}   "
               f"final accuracy {accuracy[name]:.4f}   runs {' '.join(f'{v:.3f}' for v in values)}")
+    if "net-2sn" in per_round and "net-2sn-open" in per_round:
+        ratio = median(per_round["net-2sn"]) / median(per_round["net-2sn-open"])
+        print(f"  secure vs open round (2 SNs, 4 ENs): {ratio:.3f}x")
     if "net-mariadb" in per_round:
         ratio = median(per_round["net-mariadb"]) / median(per_round["net-sqlite"])
         print(f"  MariaDB vs SQLite network round: {ratio:.3f}x")

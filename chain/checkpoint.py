@@ -8,6 +8,7 @@ from pathlib import Path
 
 from chain.encoding import canonical_bytes, is_hex_digest
 from chain.keys import NodeKey, verify_signature
+from chain.private import write_private
 
 
 class CheckpointError(ValueError):
@@ -33,17 +34,10 @@ class Checkpoint:
         return verify_signature(self.signer_key, self.signature, self.message(self.height, self.hash))
 
     def write(self, path: str | os.PathLike[str]) -> None:
-        """Atomically replace the file (write, fsync, rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        """Atomically replace the file (write, fsync, rename), mode 0600."""
         body = json.dumps({"height": self.height, "hash": self.hash, "signer_key": self.signer_key,
                            "signature": self.signature.hex()}, sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_private(path, body)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Checkpoint:

@@ -7,6 +7,9 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 ZERO_HASH = "0" * 64
+# Deepest nesting of lists and objects accepted in canonical JSON. Our own documents nest 4 levels at most; a
+# bound keeps a hostile 100,000-deep document from exhausting the recursion limit in the parser or the encoder.
+MAX_DEPTH = 32
 
 
 class EncodingError(ValueError):
@@ -44,11 +47,31 @@ def parse_canonical(data: bytes) -> Any:
     """Decode canonical JSON and insist it is in canonical form (re-encoding gives the same bytes)."""
     try:
         value = json.loads(data.decode("ascii"), parse_float=_reject_float)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EncodingError(f"not canonical JSON: {exc}") from exc
+    except EncodingError:
+        raise
+    except RecursionError:
+        raise EncodingError(f"JSON nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:   # bad ASCII or JSON, or an integer of more digits than Python converts
+        raise EncodingError(f"not canonical JSON: {str(exc)[:200]}") from exc
+    if _depth(value) > MAX_DEPTH:
+        raise EncodingError(f"JSON nests deeper than {MAX_DEPTH} levels")
     if canonical_bytes(value) != data:
         raise EncodingError("bytes are valid JSON but not in canonical form")
     return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_DEPTH:   # one level past the bound is enough to refuse it
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _reject_float(text: str) -> Any:

@@ -10,6 +10,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from chain.private import PRIVATE_FILE, private_dir, tighten
+
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_HEX_LEN = 64
 NODE_ID_HEX_LEN = 32
@@ -56,14 +58,14 @@ class NodeKey:
                 raise KeyFileError(f"{path}: not a PEM private key ({exc}); move it away to create a new one") from exc
             if not isinstance(key, Ed25519PrivateKey):
                 raise KeyFileError(f"{path}: not an Ed25519 key")
-            if path.stat().st_mode & 0o077:
-                os.chmod(path, 0o600)
+            tighten(path, PRIVATE_FILE)
             return cls(key)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.parent.is_dir():
+            private_dir(path.parent)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(pem)
             handle.flush()

@@ -7,6 +7,7 @@ it is never pickled and every field is checked on decode.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Mapping
 
@@ -23,6 +24,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_NDIM = 16
+MAX_DIM = 2**63 - 1   # one shape entry; numpy's sizes are signed 64-bit
 
 Weights = Mapping[str, np.ndarray]
 
@@ -91,13 +93,13 @@ def decode_weights(blob: bytes | bytearray | memoryview) -> dict[str, np.ndarray
     if not isinstance(header, dict) or set(header) != {"tensors", "total"} or not isinstance(header["tensors"], list):
         raise TensorFormatError("weight blob header must hold 'tensors' and 'total'")
     if header["total"] != data.nbytes:
-        raise TensorFormatError(f"weight blob holds {data.nbytes} data bytes, header says {header['total']}")
+        raise TensorFormatError(f"weight blob holds {data.nbytes} data bytes, header says {_brief(header['total'])}")
     out: dict[str, np.ndarray] = {}
     expected_offset = 0
     for entry in header["tensors"]:
         name, array = _decode_entry(entry, data, expected_offset)
         if name in out:
-            raise TensorFormatError(f"tensor {name!r} appears twice")
+            raise TensorFormatError(f"tensor {_brief(name)} appears twice")
         out[name] = array
         expected_offset += array.nbytes
     if expected_offset != data.nbytes:
@@ -105,25 +107,48 @@ def decode_weights(blob: bytes | bytearray | memoryview) -> dict[str, np.ndarray
     return out
 
 
+def _brief(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages never echo a whole malformed header."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _decode_entry(entry: object, data: memoryview, expected_offset: int) -> tuple[str, np.ndarray]:
     if not isinstance(entry, dict) or set(entry) != {"name", "dtype", "shape", "offset", "nbytes"}:
-        raise TensorFormatError(f"bad tensor entry {entry!r}")
+        raise TensorFormatError(f"bad tensor entry {_brief(entry)}")
     name, dname, shape = entry["name"], entry["dtype"], entry["shape"]
     if not isinstance(name, str) or not name:
         raise TensorFormatError("tensor name must be a non-empty string")
     if dname not in DTYPES:
-        raise TensorFormatError(f"tensor {name!r}: unsupported dtype {dname!r}")
+        raise TensorFormatError(f"tensor {_brief(name)}: unsupported dtype {_brief(dname)}")
     if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise TensorFormatError(f"tensor {name!r}: bad shape {shape!r}")
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
+        raise TensorFormatError(f"tensor {_brief(name)}: bad shape {_brief(shape)}")
     dtype = DTYPES[dname]
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    # Python ints: a product of int64 entries would wrap around and let a huge shape pass the size checks.
+    nbytes = math.prod(shape) * dtype.itemsize
     if entry["nbytes"] != nbytes or entry["offset"] != expected_offset:
-        raise TensorFormatError(f"tensor {name!r}: size or offset does not match its dtype and shape")
+        raise TensorFormatError(f"tensor {_brief(name)}: size or offset does not match its dtype and shape")
     if expected_offset + nbytes > data.nbytes:
-        raise TensorFormatError(f"tensor {name!r}: data runs past the end of the blob")
-    array = np.frombuffer(data[expected_offset: expected_offset + nbytes], dtype=dtype).reshape(shape).copy()
+        raise TensorFormatError(f"tensor {_brief(name)}: data runs past the end of the blob")
+    try:
+        flat = np.frombuffer(data[expected_offset: expected_offset + nbytes], dtype=dtype)
+        array = flat.reshape(shape).copy()
+    except (ValueError, OverflowError) as exc:   # e.g. (2**62, 0): no data, but too big a shape for numpy
+        raise TensorFormatError(f"tensor {_brief(name)}: shape {_brief(shape)} is not usable: {exc}") from exc
     return name, array
+
+
+def encoded_size(weights: Weights) -> int:
+    """``len(encode_weights(weights))`` from the tensors' names, dtypes and shapes alone (no data is copied)."""
+    entries, offset = [], 0
+    for name in sorted(weights):
+        array = np.asarray(weights[name])
+        nbytes = array.size * DTYPES[dtype_name(array)].itemsize
+        entries.append({"name": name, "dtype": dtype_name(array), "shape": list(array.shape),
+                        "offset": offset, "nbytes": nbytes})
+        offset += nbytes
+    return len(MAGIC) + 4 + len(canonical_bytes({"tensors": entries, "total": offset})) + offset
 
 
 def split_chunks(blob: bytes, chunk_size: int) -> list[bytes]:

@@ -2,6 +2,8 @@
 
 Both run the same checks (link, signatures, authority, co-signatures, records and Merkle root, model hash); a stored
 chain adds the checks of what storage adds (the hash and indexed columns, record positions, chunk digests).
+Finality (chain.validators): block h >= 1 is final when distinct keys of the validator set in force before it (the
+set after block h-1) co-signed it, only such keys, and more than half of that set; genesis is exempt.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from chain.encoding import ZERO_HASH, EncodingError, sha256_hex
 from chain.merkle import merkle_root
 from chain.source import ChainSource, StoredBlock
 from chain.tensors import decode_weights, model_hash
+from chain.validators import MembershipError, is_membership, membership_change, quorum, validators_after
 
 
 class VerificationError(Exception):
@@ -77,16 +80,32 @@ class VerifiedBlock:
         _check_cosignatures(self.header.height, self.block.hash, combined)
         return dataclasses.replace(self, cosignatures=combined)
 
+    def validators_after(self, validators: Collection[str]) -> frozenset[str]:
+        """The validator set after this block, given the set in force before it; VerificationError ("membership")
+        when it is a membership change that cannot apply to that set."""
+        return _validators_after(self.header.height, validators, self.header)
+
+    def check_final(self, validators: Collection[str]) -> frozenset[str]:
+        """Check that this block is final under ``validators``, the set in force before it, and return the set
+        after it. Raises VerificationError unless every co-signer is in the set and more than half of the set
+        co-signed (distinct keys; ``cosigned`` keeps them distinct). Genesis has no co-signatures and is exempt."""
+        check_final(self.header.height, self.cosignatures, validators)
+        return self.validators_after(validators)
+
 
 def verify_block(block: SignedBlock, records: Iterable[SignedRecord], weights_blob: bytes,
                  cosignatures: Iterable[Cosignature] = (), *, prev: Head | None,
-                 authorities: Collection[str] | None = None, check_model: bool = True) -> VerifiedBlock:
+                 authorities: Collection[str] | None = None, check_model: bool = True,
+                 validators: Collection[str] | None = None) -> VerifiedBlock:
     """Check a block received whole against ``prev``, the head it must extend (None for genesis).
 
     Checks the header, height and link, the proposer signature (and that the proposer is one of ``authorities``
-    when given), every co-signature, every record signature, the Merkle root and totals, and (``check_model``)
-    that the blob decodes and hashes to the header's model_hash. Raises VerificationError naming the height and
-    the check; a block that does not extend ``prev`` fails the "height" or "link" check (see ``extends``).
+    when given), every co-signature, every record signature, the Merkle root and totals, a membership block's
+    shape, and (``check_model``) that the blob decodes and hashes to the header's model_hash. With
+    ``validators``, the set in force before the block, it must also be final under that set
+    (``VerifiedBlock.check_final``); None skips that check, for a block still being co-signed. Raises
+    VerificationError naming the height and the check; a block that does not extend ``prev`` fails the "height"
+    or "link" check (see ``extends``).
     """
     height = prev.height + 1 if prev is not None else 0
     header = _parse_header(height, block)
@@ -97,9 +116,13 @@ def verify_block(block: SignedBlock, records: Iterable[SignedRecord], weights_bl
     signed_records, cosigs = tuple(records), tuple(cosignatures)
     _check_cosignatures(height, block.hash, cosigs)
     _check_records(height, header, signed_records)
+    _check_membership_shape(height, header, prev)
     if check_model:
         check_weights(height, header, weights_blob)
-    return VerifiedBlock(block, signed_records, bytes(weights_blob), cosigs)
+    verified = VerifiedBlock(block, signed_records, bytes(weights_blob), cosigs)
+    if validators is not None:
+        verified.check_final(validators)
+    return verified
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,7 @@ class VerifyReport:
     records: int
     cosignatures: int
     models_checked: int
+    validators: tuple[str, ...] = ()   # the validator set at the head (public keys, sorted)
 
 
 def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: Checkpoint | None = None,
@@ -118,6 +142,8 @@ def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: 
 
     Pass one checks headers, links, signatures and Merkle roots; pass two re-hashes stored weights.
     ``authorities`` are the public keys allowed to propose; by default the genesis proposer's.
+    Every block after genesis must be final under the validator set in force before it, which is tracked along
+    the chain (chain.validators); the report names the set at the head.
     A checkpoint must be signed by an authority, a co-signer, or one of ``checkpoint_keys`` (the verifying node's
     own key: a node that only syncs signs its checkpoint itself).
     """
@@ -125,10 +151,12 @@ def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: 
     prev: Head | None = None
     blocks: list[tuple[StoredBlock, BlockHeader]] = []
     records = cosigs = 0
+    validators: frozenset[str] = frozenset()
     failure: VerificationError | None = None
     for stored in source.iter_blocks():
         try:
-            header = check_block(stored, prev, allowed)
+            header = check_block(stored, prev, allowed, validators)
+            validators = _validators_after(stored.height, validators, header)
         except VerificationError as exc:
             failure = exc
             break
@@ -156,12 +184,13 @@ def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: 
     if not blocks:
         raise VerificationError(0, "genesis", "the chain is empty")
     head = blocks[-1][0]
-    return VerifyReport(head.height, head.hash, len(blocks), records, cosigs, models)
+    return VerifyReport(head.height, head.hash, len(blocks), records, cosigs, models, tuple(sorted(validators)))
 
 
-def check_block(stored: StoredBlock, prev: Head | None, allowed: Collection[str] | None) -> BlockHeader:
-    """Check one stored block against its predecessor ``prev`` (everything but the weights); raise
-    VerificationError."""
+def check_block(stored: StoredBlock, prev: Head | None, allowed: Collection[str] | None,
+                validators: Collection[str] | None = None) -> BlockHeader:
+    """Check one stored block against its predecessor ``prev`` (everything but the weights) and, with
+    ``validators`` (the set in force before it), that it is final under that set; raise VerificationError."""
     h = prev.height + 1 if prev is not None else 0
     if stored.height != h:
         raise VerificationError(h, "height", f"expected block {h}, found row with height {stored.height}")
@@ -174,7 +203,11 @@ def check_block(stored: StoredBlock, prev: Head | None, allowed: Collection[str]
     _check_indexed(h, "index", header.to_dict(), stored.indexed)
     _check_link(h, header, prev)
     _check_signature(h, signed, header, allowed)
-    _check_cosignatures(h, stored.hash, [Cosignature(key, bytes(sig)) for key, sig in stored.cosignatures])
+    cosignatures = [Cosignature(key, bytes(sig)) for key, sig in stored.cosignatures]
+    _check_cosignatures(h, stored.hash, cosignatures)
+    if validators is not None:
+        check_final(h, cosignatures, validators)
+    _check_membership_shape(h, header, prev)
     for expected_pos, row in enumerate(stored.records):
         if row.position != expected_pos:
             raise VerificationError(h, "records", f"record positions are not 0..n-1 (found {row.position})")
@@ -259,6 +292,46 @@ def _check_cosignatures(height: int, block_hash: str, cosignatures: Sequence[Cos
         seen.add(cosig.signer_key)
         if not cosig.valid_for(height, block_hash):
             raise VerificationError(height, "cosignature", f"bad co-signature by key {cosig.signer_key[:16]}...")
+
+
+def check_final(height: int, cosignatures: Sequence[Cosignature], validators: Collection[str]) -> None:
+    """Finality of block ``height`` under ``validators`` (the set in force before it): every co-signer in the set,
+    each once, and more than half of the set. Genesis is exempt. The signatures themselves are checked apart."""
+    if height == 0:
+        return
+    signers: set[str] = set()
+    for cosig in cosignatures:
+        if cosig.signer_key not in validators:
+            raise VerificationError(height, "cosignature",
+                                    f"key {cosig.signer_key[:16]}... co-signed but is not a validator")
+        if cosig.signer_key in signers:
+            raise VerificationError(height, "cosignature", f"key {cosig.signer_key[:16]}... co-signed twice")
+        signers.add(cosig.signer_key)
+    need = quorum(validators)
+    if len(signers) < need:
+        raise VerificationError(height, "quorum", f"{len(signers)} of {len(validators)} validators co-signed; "
+                                                  f"a final block needs {need}")
+
+
+def _validators_after(height: int, validators: Collection[str], header: BlockHeader) -> frozenset[str]:
+    try:
+        return validators_after(validators, header)
+    except MembershipError as exc:
+        raise VerificationError(height, "membership", str(exc)) from exc
+
+
+def _check_membership_shape(height: int, header: BlockHeader, prev: Head | None) -> None:
+    """A membership block's params and shape (chain.validators.membership_change), and its round: the previous
+    block's, since it closes no round."""
+    if not is_membership(header):
+        return
+    try:
+        membership_change(header)
+    except MembershipError as exc:
+        raise VerificationError(height, "membership", str(exc)) from exc
+    if prev is not None and header.round != prev.round:
+        raise VerificationError(height, "membership", f"a membership block keeps the round of the block before "
+                                                      f"it ({prev.round}), not {header.round}")
 
 
 def _check_indexed(height: int, check: str, values: Mapping[str, Any], indexed: Mapping[str, Any]) -> None:

@@ -84,14 +84,15 @@ class InProcessParticipant:
                              f"got {sorted(weights)}")
         self._personal = {k: np.array(weights[k], order="C", copy=True) for k in self.personal_keys}
 
-    def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
-        """Train the shared weights (plus own personal layers) locally; return only the shared keys."""
+    def fit(self, weights: dict[str, np.ndarray], ins: FitIns, cancel: threading.Event | None = None) -> FitRes:
+        """Train the shared weights (plus own personal layers) locally; return only the shared keys. Setting
+        ``cancel`` stops training between batches with fl.train.TrainingCancelled (personal layers unchanged)."""
         x, y = self._dataset.train_x[self._train_idx], self._dataset.train_y[self._train_idx]
         with self._bench.lock:
             self._load(weights)
             metrics = train_model(
                 self._bench.model, x, y, epochs=ins.epochs, batch_size=ins.batch_size, lr=ins.lr,
-                momentum=ins.momentum, seed=ins.seed, device=self._bench.device,
+                momentum=ins.momentum, seed=ins.seed, device=self._bench.device, cancel=cancel,
             )
             shared = state_to_numpy(self._bench.model, self.shared_keys)
             if self.personal_keys:

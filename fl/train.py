@@ -5,9 +5,15 @@ Shuffling is the only randomness: epoch ``e`` visits ``torch.randperm(n, generat
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class TrainingCancelled(Exception):
+    """Training stopped early because its ``cancel`` event was set (whoever asked for it no longer waits)."""
 
 
 def train(
@@ -21,9 +27,11 @@ def train(
     momentum: float = 0.0,
     seed: int,
     device: str = "cpu",
+    cancel: threading.Event | None = None,
 ) -> dict[str, float | int]:
     """Mini-batch SGD in place; returns the last epoch's running (on-the-fly) mean loss and accuracy, and the sample
-    count."""
+    count. Setting ``cancel`` stops it before the next batch with TrainingCancelled (the model is then half
+    trained: the caller reloads it before using it again)."""
     n = len(x)
     if n == 0:
         raise ValueError("cannot train on zero samples")
@@ -34,10 +42,12 @@ def train(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
     loss_sum, correct = 0.0, 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         loss_sum, correct = 0.0, 0
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
+            if cancel is not None and cancel.is_set():
+                raise TrainingCancelled(f"training cancelled in epoch {epoch + 1} of {epochs}")
             batch = order[start:start + batch_size]
             xb, yb = x[batch].to(device), y[batch].to(device)
             optimizer.zero_grad(set_to_none=True)

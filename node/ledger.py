@@ -14,7 +14,9 @@ import numpy as np
 from chain.block import Cosignature, MalformedError, SignedBlock, SignedRecord, build_header
 from chain.checkpoint import Checkpoint
 from chain.keys import NodeKey
+from chain.private import PRIVATE_FILE, private_dir, tighten
 from chain.tensors import encode_weights, model_hash
+from chain.validators import MembershipError, validators_after
 from chain.verify import Head, VerifiedBlock, VerifyReport, extends, verify_block, verify_chain
 from storage.store import LedgerStore, NotExtendingHead
 from storage.writer import BackgroundWriter, WriterFailed
@@ -35,7 +37,8 @@ class Ledger:
 
     Adding a block is ``build`` (a block this node proposes) or ``verify`` (one received from a peer), which give
     a VerifiedBlock, then ``accept``, which moves the head at once and writes the block in the background, in
-    strict order. The store does not verify again.
+    strict order. The store does not verify again. The ledger also keeps the validator set in force at its head
+    (chain.validators), and accepts only blocks final under it.
     """
 
     def __init__(self, store: LedgerStore, key: NodeKey, checkpoint_path: Path | None = None):
@@ -48,12 +51,13 @@ class Ledger:
         self._head: Head | None = store.head()
         self._durable: Head | None = self._head   # newest block known to be written
         self._authority: str | None = None
+        self._validators: frozenset[str] = self._stored_validators()   # the set in force after the head
 
     @classmethod
     def open(cls, data_dir: str | Path, db_url: str | None = None, key: NodeKey | None = None) -> Ledger:
         """Open (creating if needed) the node key, the database and the checkpoint path under ``data_dir``."""
-        data_dir = Path(data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = private_dir(data_dir)          # 0700; a looser existing one is tightened (logged)
+        tighten(data_dir / CHECKPOINT_FILE, PRIVATE_FILE)
         key = key or NodeKey.load_or_create(data_dir / KEY_FILE)
         store = LedgerStore(db_url or default_db_url(data_dir))
         return cls(store, key, data_dir / CHECKPOINT_FILE)
@@ -76,6 +80,25 @@ class Ledger:
             self.flush()
             self._authority = self.store.get_block(0)[0].header.proposer_key
         return self._authority
+
+    @property
+    def validators(self) -> frozenset[str]:
+        """The validator set in force after the head (public keys, hex): who must co-sign the next block. Empty
+        while the chain is empty."""
+        return self._validators
+
+    def _stored_validators(self) -> frozenset[str]:
+        """The set after the stored head, from one walk over the stored headers. A stored header that does not
+        apply (only a tampered database holds one; ``verify_chain`` names it) ends the walk with a warning."""
+        validators: frozenset[str] = frozenset()
+        for stored in self.store.iter_blocks():
+            try:
+                validators = validators_after(validators, SignedBlock(stored.header_bytes, stored.signature).header)
+            except (MalformedError, MembershipError) as exc:
+                log.warning("validator set: block %d does not apply (%s); using the set before it",
+                            stored.height, exc)
+                break
+        return validators
 
     def close(self) -> None:
         """Write what is queued and release the database. A write that failed earlier is logged, not raised: the
@@ -121,8 +144,11 @@ class Ledger:
         return VerifiedBlock(SignedBlock.create(header, self.key), tuple(records), blob)
 
     def verify(self, block: SignedBlock, records: Iterable[SignedRecord], weights_blob: bytes,
-               cosignatures: Iterable[Cosignature] = ()) -> VerifiedBlock:
-        """Verify a block received from elsewhere against this node's head and the chain's authority.
+               cosignatures: Iterable[Cosignature] = (), *, final: bool = False) -> VerifiedBlock:
+        """Verify a block received from elsewhere against this node's head, the chain's authority and the validator
+        set in force: a membership change must apply to it, and with ``final`` (a block synced whole, with its
+        co-signatures) the block must be final under it. A proposal being co-signed is checked for finality when
+        it is committed (``accept``).
 
         Raises NotExtendingHead when it is not the next block after the head (stale, or this node is behind),
         chain.verify.VerificationError when anything else is wrong.
@@ -136,32 +162,39 @@ class Ledger:
             if not extends(head, header):
                 raise NotExtendingHead(_not_extending(header.height, head))
         authority = self.authority if head is not None else None
-        return verify_block(block, records, weights_blob, cosignatures, prev=head,
-                            authorities=[authority] if authority is not None else None)
+        validators = self._validators
+        verified = verify_block(block, records, weights_blob, cosignatures, prev=head,
+                                authorities=[authority] if authority is not None else None,
+                                validators=validators if final else None)
+        verified.validators_after(validators)
+        return verified
 
     def accept(self, verified: VerifiedBlock, client_state: dict[str, bytes] | None = None) -> Future[Head]:
         """Make ``verified`` the head now and queue its write; the future resolves to its Head once durable.
 
-        Raises NotExtendingHead (nothing queued) unless it extends the head. If the write fails, the head goes
-        back to the one before it.
+        Raises NotExtendingHead (nothing queued) unless it extends the head, chain.verify.VerificationError
+        (nothing queued) unless it is final under the validator set in force (``VerifiedBlock.check_final``). If
+        the write fails, the head and the validator set go back to what they were before it.
         """
         header = verified.header
         with self._accepting:
             with self._state:
-                previous = self._head
+                previous, before = self._head, self._validators
                 if not extends(previous, header):
                     raise NotExtendingHead(_not_extending(header.height, previous))
-                self._head = verified.head
+                after = verified.check_final(before)
+                self._head, self._validators = verified.head, after
             future = self.writer.submit(self._write, verified, client_state)
-        future.add_done_callback(lambda f: self._rollback(header.height, previous) if f.exception() else None)
+        future.add_done_callback(
+            lambda f: self._rollback(header.height, previous, before) if f.exception() else None)
         return future
 
-    def _rollback(self, height: int, previous: Head | None) -> None:
+    def _rollback(self, height: int, previous: Head | None, validators: frozenset[str]) -> None:
         # Every block queued after a failed one fails too (the writer stops), so the head returns to the
         # newest block before the first failure.
         with self._state:
             if self._head is not None and self._head.height >= height:
-                self._head = previous
+                self._head, self._validators = previous, validators
 
     def _write(self, verified: VerifiedBlock, client_state: dict[str, bytes] | None) -> Head:
         self.store.append(verified, client_state=client_state)

@@ -257,7 +257,7 @@ class Height(_message.Message):
     def __init__(self, height: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "role", "head", "edges", "supernodes", "training", "paused", "round")
+    __slots__ = ("node_id", "role", "head", "edges", "supernodes", "training", "paused", "round", "validators", "secure")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,8 @@ class StatusReply(_message.Message):
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    VALIDATORS_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     head: Head
@@ -274,7 +276,39 @@ class StatusReply(_message.Message):
     training: bool
     paused: bool
     round: int
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., head: _Optional[_Union[Head, _Mapping]] = ..., edges: _Optional[int] = ..., supernodes: _Optional[int] = ..., training: _Optional[bool] = ..., paused: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
+    validators: _containers.RepeatedScalarFieldContainer[str]
+    secure: bool
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., head: _Optional[_Union[Head, _Mapping]] = ..., edges: _Optional[int] = ..., supernodes: _Optional[int] = ..., training: _Optional[bool] = ..., paused: _Optional[bool] = ..., round: _Optional[int] = ..., validators: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ...) -> None: ...
+
+class TokensReply(_message.Message):
+    __slots__ = ("supernode", "edge")
+    SUPERNODE_FIELD_NUMBER: _ClassVar[int]
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    supernode: str
+    edge: str
+    def __init__(self, supernode: _Optional[str] = ..., edge: _Optional[str] = ...) -> None: ...
+
+class RotateRequest(_message.Message):
+    __slots__ = ("role",)
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    def __init__(self, role: _Optional[str] = ...) -> None: ...
+
+class RemoveRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class MembershipReply(_message.Message):
+    __slots__ = ("height", "hash", "validators")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    VALIDATORS_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    hash: str
+    validators: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, height: _Optional[int] = ..., hash: _Optional[str] = ..., validators: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("rounds",)
@@ -381,6 +415,36 @@ class VerifyReply(_message.Message):
     blocks: int
     message: str
     def __init__(self, ok: _Optional[bool] = ..., blocks: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("role", "token_id", "public_key", "tls_public_key", "hosts", "nonce", "key_proof", "mac")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TLS_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_PROOF_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    token_id: str
+    public_key: str
+    tls_public_key: bytes
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    nonce: bytes
+    key_proof: bytes
+    mac: bytes
+    def __init__(self, role: _Optional[str] = ..., token_id: _Optional[str] = ..., public_key: _Optional[str] = ..., tls_public_key: _Optional[bytes] = ..., hosts: _Optional[_Iterable[str]] = ..., nonce: _Optional[bytes] = ..., key_proof: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("ca_certificate", "certificate", "mac")
+    CA_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    ca_certificate: bytes
+    certificate: bytes
+    mac: bytes
+    def __init__(self, ca_certificate: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class FitRequest(_message.Message):
     __slots__ = ("ins", "weights")

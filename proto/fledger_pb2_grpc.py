@@ -711,6 +711,21 @@ class AdminStub:
                 request_serializer=fledger__pb2.Empty.SerializeToString,
                 response_deserializer=fledger__pb2.VerifyReply.FromString,
                 _registered_method=True)
+        self.Tokens = channel.unary_unary(
+                '/fledger.v1.Admin/Tokens',
+                request_serializer=fledger__pb2.Empty.SerializeToString,
+                response_deserializer=fledger__pb2.TokensReply.FromString,
+                _registered_method=True)
+        self.RotateToken = channel.unary_unary(
+                '/fledger.v1.Admin/RotateToken',
+                request_serializer=fledger__pb2.RotateRequest.SerializeToString,
+                response_deserializer=fledger__pb2.TokensReply.FromString,
+                _registered_method=True)
+        self.RemoveSuperNode = channel.unary_unary(
+                '/fledger.v1.Admin/RemoveSuperNode',
+                request_serializer=fledger__pb2.RemoveRequest.SerializeToString,
+                response_deserializer=fledger__pb2.MembershipReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -766,6 +781,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokens(self, request, context):
+        """secure mode: the join tokens
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateToken(self, request, context):
+        """revoke a role's token and issue a new one
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveSuperNode(self, request, context):
+        """a membership block removing a validator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -808,6 +844,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=fledger__pb2.Empty.FromString,
                     response_serializer=fledger__pb2.VerifyReply.SerializeToString,
+            ),
+            'Tokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokens,
+                    request_deserializer=fledger__pb2.Empty.FromString,
+                    response_serializer=fledger__pb2.TokensReply.SerializeToString,
+            ),
+            'RotateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateToken,
+                    request_deserializer=fledger__pb2.RotateRequest.FromString,
+                    response_serializer=fledger__pb2.TokensReply.SerializeToString,
+            ),
+            'RemoveSuperNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveSuperNode,
+                    request_deserializer=fledger__pb2.RemoveRequest.FromString,
+                    response_serializer=fledger__pb2.MembershipReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1027,6 +1078,159 @@ class Admin:
             '/fledger.v1.Admin/Verify',
             fledger__pb2.Empty.SerializeToString,
             fledger__pb2.VerifyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fledger.v1.Admin/Tokens',
+            fledger__pb2.Empty.SerializeToString,
+            fledger__pb2.TokensReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fledger.v1.Admin/RotateToken',
+            fledger__pb2.RotateRequest.SerializeToString,
+            fledger__pb2.TokensReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveSuperNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fledger.v1.Admin/RemoveSuperNode',
+            fledger__pb2.RemoveRequest.SerializeToString,
+            fledger__pb2.MembershipReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class EnrollmentStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Join = channel.unary_unary(
+                '/fledger.v1.Enrollment/Join',
+                request_serializer=fledger__pb2.JoinRequest.SerializeToString,
+                response_deserializer=fledger__pb2.JoinReply.FromString,
+                _registered_method=True)
+
+
+class EnrollmentServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Join(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EnrollmentServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=fledger__pb2.JoinRequest.FromString,
+                    response_serializer=fledger__pb2.JoinReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fledger.v1.Enrollment', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fledger.v1.Enrollment', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Enrollment:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fledger.v1.Enrollment/Join',
+            fledger__pb2.JoinRequest.SerializeToString,
+            fledger__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,

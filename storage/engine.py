@@ -1,12 +1,18 @@
 """One engine factory for SQLite and MySQL/MariaDB URLs; backend differences live here."""
 from __future__ import annotations
 
-from pathlib import PurePath
+import logging
+from collections.abc import Callable
+from pathlib import Path, PurePath
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+
+from chain.private import PRIVATE_FILE, create_private, tighten
+
+log = logging.getLogger(__name__)
 
 
 class StorageUnavailable(RuntimeError):
@@ -36,8 +42,13 @@ def make_engine(url: str, *, create_database: bool = True) -> Engine:
         raise StorageUnavailable(f"bad database URL {url!r}: use sqlite:///PATH or "
                                  "mysql+pymysql://user:pw@host:3306/db?charset=utf8mb4") from exc
     if parsed.get_backend_name() == "sqlite":
+        path = _sqlite_path(parsed)
+        if path is not None:
+            _private(lambda: create_private(path))   # 0600 before SQLite creates it with the umask's mode
         engine = create_engine(parsed)
         event.listen(engine, "connect", _sqlite_pragmas)
+        if path is not None:   # SQLite gives its -wal/-shm/-journal files the database's mode; make sure
+            event.listen(engine, "connect", lambda *_: _private(lambda: _tighten_side_files(path)))
         return engine
     if parsed.get_backend_name() not in ("mysql", "mariadb"):
         raise StorageUnavailable(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or mysql+pymysql")
@@ -45,6 +56,27 @@ def make_engine(url: str, *, create_database: bool = True) -> Engine:
         _ensure_mysql_database(parsed)
     # pool_pre_ping: a server restart or idle timeout must not surface as an error on the next block.
     return create_engine(parsed, pool_pre_ping=True, pool_recycle=3600)
+
+
+def _sqlite_path(parsed: URL) -> Path | None:
+    """The database file of a SQLite URL; None for an in-memory database or a ``file:`` URI."""
+    name = parsed.database
+    if not name or name == ":memory:" or name.startswith("file:") or parsed.query.get("uri"):
+        return None
+    return Path(name)
+
+
+def _tighten_side_files(path: Path) -> None:
+    for suffix in ("-wal", "-shm", "-journal"):
+        tighten(path.with_name(path.name + suffix), PRIVATE_FILE)
+
+
+def _private(make: Callable[[], object]) -> None:
+    """Run a permission fix; a folder that is missing or not ours is left for SQLite to report, or to read."""
+    try:
+        make()
+    except OSError as exc:
+        log.warning("cannot make the database file private: %s", exc)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -122,7 +122,9 @@ def build_chain(url: str, n_blocks: int = 6, trainers: int = 3, tensor_shape: tu
                 cosigners: int = 0, seed: int = 0) -> tuple[Path, Path, list[Head]]:
     """Build a real chain of ``n_blocks`` blocks (genesis + n_blocks-1 rounds) through ``node.ledger.Ledger``.
 
-    Round blocks carry one signed UpdateRecord per trainer; ``cosigners`` extra keys co-sign every block.
+    Round blocks carry one signed UpdateRecord per trainer. The proposer co-signs every round block; ``cosigners``
+    extra keys co-sign every block and are, with the proposer, the validator set genesis names (so each round block
+    is final: all validators co-signed it).
     The node key is kept in ``data_dir`` (a new temporary folder by default) so the chain can be reopened
     with ``Ledger.open(data_dir, url)``; the checkpoint lands there too. Returns (data dir, checkpoint path,
     the Head of every block in height order). The ledger is flushed and closed before returning.
@@ -139,10 +141,13 @@ def build_chain(url: str, n_blocks: int = 6, trainers: int = 3, tensor_shape: tu
             weights = global_weights(round_, tensor_shape, seed)
             base = ledger.head.model_hash if ledger.head else model_hash(weights)
             records = signed_records(round_, base, keys, seed) if round_ else []
-            built = ledger.build(round=round_, algorithm="fedavg", params=PARAMS, weights=weights, records=records,
+            params = PARAMS if round_ or not cosigner_keys else \
+                {**PARAMS, "validators": sorted(k.public_hex for k in [key, *cosigner_keys])}
+            built = ledger.build(round=round_, algorithm="fedavg", params=params, weights=weights, records=records,
                                  metrics={"accuracy_bp": 5000 + 100 * round_},
                                  timestamp_ms=GENESIS_TIME_MS + 1000 * round_)
-            built = built.cosigned(Cosignature.create(round_, built.block.hash, k) for k in cosigner_keys)
+            signers = [key, *cosigner_keys] if round_ else cosigner_keys
+            built = built.cosigned(Cosignature.create(round_, built.block.hash, k) for k in signers)
             ledger.accept(built)
             heads.append(built.head)
         ledger.flush()

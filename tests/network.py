@@ -1,6 +1,7 @@
 """A real network in the test process for the network and console tests: K super nodes (the entry first, all
-joined before any edge node, so edge i goes to super node i mod K) and N edge nodes on loopback gRPC, whose
-participants can be made to fail."""
+joined before any edge node, so edge i goes to super node i mod K, and each admitted to the validator set by a
+membership block before the next joins: blocks 1..K-1) and N edge nodes on loopback gRPC, whose participants can
+be made to fail."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,11 @@ class Network:
         self.sns.append(self.make_sn("entry", entry=None))
         for i in range(1, supernodes):
             self.sns.append(self.make_sn(f"sn{i}", entry=self.entry.address))
-            # one at a time, so the join order (and with it the edge assignment) is sn1, sn2, ...
+            # one at a time, so the join order (and with it the edge assignment) is sn1, sn2, ...; each is a
+            # validator (admitted by membership block i) before the next joins
             assert wait_until(lambda n=i + 1: len(self.entry.registry) == n, timeout=15.0)
+            assert wait_until(lambda n=i + 1: len(self.entry.ledger.validators) == n, timeout=30.0), \
+                f"sn{i} was not admitted as a validator"
         keys = [NodeKey.from_seed(f"edge{i}".encode()) for i in range(edges)]
         cores, _, _ = edge_cores(self.cfg, keys, 0, edges)
         for core in cores:

@@ -15,6 +15,7 @@ import yaml
 
 from conftest import mysql_admin_execute, mysql_server_url
 from node.cli.cluster import check_chains, start_node, stop_all, train, wait_for_members
+from node.security.pki import TlsCredentials
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -30,17 +31,20 @@ def test_cluster_command_trains_and_every_chain_verifies_with_equal_heads(tmp_pa
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["head_height"] == 2
+    assert summary["head_height"] == 3   # the block that admitted the second super node as a validator, 2 rounds
     assert "all 2 chains verify" in proc.stdout
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert leftovers == [], "node processes outlived the cluster command"
 
 
 def model_hashes(db: Path) -> list[str]:
+    """The model of every block but the membership blocks (which keep the model): one per round."""
+    from chain.validators import is_membership
     from storage.store import LedgerStore
     store = LedgerStore(f"sqlite:///{db}")
     try:
-        return [store.get_block(h)[0].header.model_hash for h in range(store.count())]
+        headers = [store.get_block(h)[0].header for h in range(store.count())]
+        return [header.model_hash for header in headers if not is_membership(header)]
     finally:
         store.close()
 
@@ -83,9 +87,12 @@ def test_compose_file_declares_mysql_two_supernodes_and_four_edge_nodes_with_dis
                for v in edges.values())
 
 
-def local_env(env: dict, run_id: str, server) -> dict[str, str]:
-    """A service's environment with container names swapped for loopback and the local MariaDB."""
+def local_env(env: dict, run_id: str, server, entry_root: Path | None = None) -> dict[str, str]:
+    """A service's environment with container names swapped for loopback, the local MariaDB, and the entry's data
+    volume (mounted at /entry in the containers) for the entry's data root."""
     out = {k: str(v) for k, v in env.items()}
+    if entry_root is not None and out.get("FLEDGER_JOIN", "").startswith("@/entry/"):
+        out["FLEDGER_JOIN"] = "@" + str(entry_root / out["FLEDGER_JOIN"][len("@/entry/"):])
     out.update(FLEDGER_IP="127.0.0.1", FLEDGER_PORT="0", FLEDGER_THREADS="1", FLEDGER_MODEL="2nn")
     out.pop("FLEDGER_ADVERTISE", None)
     if "FLEDGER_DB" in out:
@@ -112,30 +119,33 @@ def test_compose_services_run_as_local_processes_and_complete_a_round(tmp_path):
     def start(name: str, entry: str | None):  # noqa: ANN202
         svc = nodes[name]
         assert svc["command"][:2] == ["python", "main.py"]
-        env = local_env(svc["environment"], run_id, server)
+        env = local_env(svc["environment"], run_id, server, tmp_path / supernodes[0])
         if entry:
             env["FLEDGER_ENTRY"] = entry
+            env["FLEDGER_JOIN_ADDRESS"] = started[0].info["join_address"]   # compose: the entry's port + 1
         node = start_node(name, tmp_path / name, svc["command"][3:], env)
         started.append(node)
         return node
 
     try:
         entry = start(supernodes[0], None).wait_ready(time.monotonic() + 120)
+        assert started[0].info["secure"], "compose runs the network in secure mode"
+        operator = TlsCredentials.load(tmp_path / supernodes[0] / "admin")
         sns = [started[0], *(start(name, entry) for name in supernodes[1:])]
         for node in sns:
             node.wait_ready(time.monotonic() + 120)
         # as `main.py cluster` does: every super node has joined before the first edge node asks for one
-        wait_for_members(entry, len(sns), 0, 120)
+        wait_for_members(entry, len(sns), 0, 120, operator)
         for node in [start(name, entry) for name in edges]:
             node.wait_ready(time.monotonic() + 120)
-        wait_for_members(entry, len(sns), len(edges), 120)
-        progress = train(entry, 1, lambda _line: None)
-        height, _head = check_chains([n.address for n in sns])
+        wait_for_members(entry, len(sns), len(edges), 120, operator)
+        progress = train(entry, 1, lambda _line: None, operator)
+        height, _head = check_chains([n.address for n in sns], operator)
     finally:
         stop_all(started)
         mysql_admin_execute(server, *(f"DROP DATABASE IF EXISTS `{database(nodes[n]['environment'])}_{run_id}`"
                                       for n in supernodes))
-    assert height == 1
+    assert height == 2   # the block that admitted the second super node as a validator, then round 1
     assert any(p.block_hash for p in progress)
 
 

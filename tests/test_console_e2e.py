@@ -20,6 +20,7 @@ import pytest
 import torch
 from sqlalchemy import text
 
+from chain.block import Cosignature
 from chain.keys import NodeKey
 from chain.tensors import model_hash
 from config import Config
@@ -332,8 +333,8 @@ def test_pause_from_a_second_console_stops_training_after_the_current_round(net:
 
 def test_save_writes_the_head_model_on_the_super_node_and_says_where(net: Network, tmp_path: Path) -> None:
     head = net.head()
-    target = tmp_path / "saved.pt"
-    result = run_console(net.port, f"save(path='{target}')", tmp_path)
+    target = net.root / "entry" / "models" / "saved.pt"     # a relative path is taken inside DATA_ROOT/models
+    result = run_console(net.port, "save(path='saved.pt')", tmp_path)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == f"saved on 127.0.0.1:{net.port}: {target} (model hash {head.model_hash})\n"
@@ -391,6 +392,8 @@ def build_ledger(data_dir: Path, blocks: int = 3) -> list[str]:
             verified = ledger.build(round=round_, algorithm="fedavg", params={}, weights=weights_for(round_),
                                     records=[], metrics={"accuracy_bp": 5000 + 100 * round_},
                                     timestamp_ms=1_700_000_000_000 + 1000 * round_)
+            # its only validator co-signs it, so it is final
+            verified = verified.cosigned([Cosignature.create(round_, verified.block.hash, ledger.key)])
             ledger.accept(verified).result()
             hashes.append(verified.block.header.model_hash)
     finally:

@@ -91,8 +91,10 @@ def core(tmp_path: Path, name: str, edges: ScriptedEdges, upstream: SuperNodeCor
     return SuperNodeCore(ledger, edges, upstream=lambda: upstream)
 
 
-def genesis(sn: SuperNodeCore) -> Base:
-    verified = sn.ledger.build(round=0, algorithm="fedavg", params={}, weights=WEIGHTS, records=[], metrics={},
+def genesis(sn: SuperNodeCore, validators: Sequence[str] = ()) -> Base:
+    """The genesis block; ``validators`` (public keys, ``sn``'s added) is the initial set, else ``sn`` alone."""
+    params = {"validators": sorted({sn.key.public_hex, *validators})} if validators else {}
+    verified = sn.ledger.build(round=0, algorithm="fedavg", params=params, weights=WEIGHTS, records=[], metrics={},
                                timestamp_ms=0)
     sn.ledger.accept(verified).result()
     return sn.base()
@@ -153,11 +155,12 @@ def test_a_partial_for_another_base_model_is_refused(tmp_path: Path) -> None:
 def test_a_peer_that_fails_is_a_failure_and_its_edges_are_reported_untrained(tmp_path: Path) -> None:
     entry = core(tmp_path, "entry", ScriptedEdges([0, 3]))
     peer = core(tmp_path, "peer", ScriptedEdges([1, 4]), upstream=entry)
-    genesis(entry)
-    gone = Unreachable("gone")
+    gone_key = NodeKey.from_seed(b"gone")
+    genesis(entry, [peer.key.public_hex, gone_key.public_hex])   # 3 validators: 2 co-signatures are a majority
+    gone = Unreachable(gone_key.node_id)
 
-    class Lister:   # lists its edge (so it is selected), then fails to train, co-sign and commit
-        node_id = "gone"
+    class Lister:   # lists its edge (so it is selected), then fails to train and to co-sign
+        node_id = gone_key.node_id
 
         def edges(self) -> list[EdgeRef]:
             return [EdgeRef(NodeKey.from_seed(b"edge2").node_id, "", 2)]
@@ -167,9 +170,10 @@ def test_a_peer_that_fails_is_a_failure_and_its_edges_are_reported_untrained(tmp
 
     report = coordinator(tmp_path, entry, [peer, Lister()]).run_round(1)  # type: ignore[list-item]
 
-    reasons = [why.split(":")[0] for node_id, why in report.failures if node_id == "gone"]
+    reasons = [why.split(":")[0] for node_id, why in report.failures if node_id == gone_key.node_id]
     assert report.participants == 4
-    assert reasons == ["super node failed to train", "super node failed to co-sign", "super node failed to commit"]
+    # A validator that did not co-sign is not asked to commit: it catches up by syncing.
+    assert reasons == ["super node failed to train", "super node failed to co-sign"]
     assert "no live super node had it" in dict(report.failures)[NodeKey.from_seed(b"edge2").node_id]
     assert peer.ledger.head == entry.ledger.head   # the live peer co-signed and stored the block
 
@@ -305,14 +309,15 @@ def test_commit_after_the_head_moved_is_refused_and_stores_nothing(tmp_path: Pat
 def test_a_super_node_listed_twice_counts_once_towards_the_majority(tmp_path: Path) -> None:
     entry = core(tmp_path, "entry", ScriptedEdges([0]))
     twin = core(tmp_path, "twin", ScriptedEdges([]), upstream=entry)
-    genesis(entry)
+    alias_key, dead_keys = NodeKey.from_seed(b"alias"), [NodeKey.from_seed(f"dead{i}".encode()) for i in range(2)]
+    genesis(entry, [k.public_hex for k in (twin.key, alias_key, *dead_keys)])   # 5 validators
 
-    class Alias:   # the same super node (same key) under a second id
-        node_id = "twin-alias"
+    class Alias:   # the twin (its key) answering under another validator's id
+        node_id = alias_key.node_id
 
         def __getattr__(self, name: str):  # noqa: ANN204
             return getattr(twin, name)
 
-    dead = [Unreachable(f"dead{i}") for i in range(2)]
+    dead = [Unreachable(k.node_id) for k in dead_keys]
     with pytest.raises(NoMajorityError, match="2 of 5"):
         coordinator(tmp_path, entry, [twin, Alias(), *dead]).run_round(1)  # type: ignore[list-item]

@@ -12,11 +12,12 @@ import torch
 
 from chain.keys import NodeKey
 from chain.tensors import model_hash
+from chain.validators import is_membership
 from chain.verify import verify_chain
 from conftest import wait_until
 from fl.strategy import FedAvg
 from network import Network, config
-from node.engine.errors import PreconditionError
+from node.engine.errors import BadRequestError, PreconditionError
 from node.engine.types import EdgeRef
 from node.ledger import Ledger
 from node.rpc import transport
@@ -35,10 +36,12 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
 
 
 def model_hashes(ledger: Ledger) -> list[str]:
+    """The model of every block but the membership blocks (they keep the model): one per round, as simulate's."""
     ledger.flush()
     head = ledger.head
     assert head is not None
-    return [ledger.get_block(h)[0].header.model_hash for h in range(head.height + 1)]
+    headers = [ledger.get_block(h)[0].header for h in range(head.height + 1)]
+    return [header.model_hash for header in headers if not is_membership(header)]
 
 
 def simulated_model_hashes(root: Path, super_nodes: int, **over: Any) -> list[str]:
@@ -67,10 +70,13 @@ def test_two_supernodes_train_two_rounds_into_equal_verified_chains(net: Network
     assert head is not None and progress[-1].block_hash == head.hash
     peer = net.sns[1]
     assert wait_until(lambda: peer.ledger.head == net.entry.ledger.head, timeout=15.0)
+    # block 1 admitted sn1 to the validator set, so rounds 1 and 2 are blocks 2 and 3, co-signed by both
+    assert is_membership(net.block(1).header) and head.height == 3
     for sn in net.sns:
         sn.ledger.flush()
-        assert verify_chain(sn.ledger.store, check_models=True).head_hash == head.hash
-        for height in (1, 2):
+        report = verify_chain(sn.ledger.store, check_models=True)
+        assert report.head_hash == head.hash and set(report.validators) == {s.key.public_hex for s in net.sns}
+        for height in (2, 3):
             _, records = sn.ledger.get_block(height)
             # records in data-share order, whichever super node trained them
             assert [r.record.trainer_id for r in records] == [en.key.node_id for en in net.ens]
@@ -111,6 +117,8 @@ def test_one_super_node_gives_the_model_hashes_of_simulate(tmp_path: Path) -> No
 def test_a_late_joining_supernode_syncs_the_trained_chain(net: Network) -> None:
     late = net.make_sn("late", entry=net.entry.address)
     try:
+        # It syncs, is admitted to the validator set by a membership block, and syncs that block too.
+        assert wait_until(lambda: late.key.public_hex in net.entry.ledger.validators, timeout=30.0)
         assert wait_until(lambda: late.ledger.head == net.entry.ledger.head, timeout=15.0)
         late.ledger.flush()
         head = net.entry.ledger.head
@@ -119,19 +127,27 @@ def test_a_late_joining_supernode_syncs_the_trained_chain(net: Network) -> None:
         late.stop(None)
         late.ledger.close()
     assert wait_until(lambda: len(net.entry.registry) == 2, timeout=15.0), "the stopped late joiner stays listed"
+    # Take the dead validator out again (2 of its 3 validators are alive), so the later tests train as before.
+    net.entry.remove_supernode(late.key.node_id)
+    assert len(net.entry.ledger.validators) == 2
 
 
 def test_save_writes_a_torch_loadable_model_whose_hash_is_the_heads(net: Network, tmp_path: Path) -> None:
     with net.admin() as admin, net.admin(net.sns[1]) as peer_admin:
-        path, digest = admin.save(str(tmp_path / "model.pt"))
+        path, digest = admin.save("model.pt")
         default_path, default_digest = peer_admin.save("")
+        with pytest.raises(BadRequestError, match="models"):
+            admin.save(str(tmp_path / "outside.pt"))     # never outside DATA_ROOT/models
 
     state = torch.load(path, weights_only=True)
     head = net.entry.ledger.head
     assert head is not None
     assert model_hash({k: v.numpy() for k, v in state.items()}) == digest
     assert digest == head.model_hash == default_digest
-    assert Path(default_path).parent == net.root / "sn1"
+    assert Path(path) == net.root / "entry" / "models" / "model.pt"
+    assert Path(default_path).parent == net.root / "sn1" / "models"
+    assert Path(path).stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "outside.pt").exists()
 
 
 def test_eval_and_status_report_the_global_model(net: Network) -> None:
@@ -156,6 +172,7 @@ def test_a_stale_round_announcement_is_refused(net: Network) -> None:
     assert head is not None
     stub = fledger_pb2_grpc.SuperNodeStub(transport.open_channel(net.sns[1].address))
     announcement = RoundAnnouncementMsg(round=head.round, base_height=head.height, base_model_hash=head.model_hash,
+                                        proposer_id=net.entry.key.node_id,
                                         plan=RoundPlanMsg(algorithm="fedavg", lr=0.05, local_epochs=1,
                                                           batch_size=32))
     with pytest.raises(grpc.RpcError) as info:
@@ -241,7 +258,8 @@ def test_fraction_selects_clients_across_the_whole_network_as_the_simulator_does
     network = Network(tmp_path / "net", supernodes=2, edges=4, fraction=0.25)
     try:
         progress = network.train(3)
-        trainers = [[r.record.trainer_id for r in network.entry.ledger.get_block(h)[1]] for h in (1, 2, 3)]
+        # block 1 admitted the second super node to the validator set; rounds 1-3 are blocks 2-4
+        trainers = [[r.record.trainer_id for r in network.entry.ledger.get_block(h)[1]] for h in (2, 3, 4)]
     finally:
         network.close()
     share = {en.key.node_id: i for i, en in enumerate(network.ens)}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -61,8 +61,12 @@ def entry(tmp_path: Path) -> Iterator[SuperNode]:
     stop(sn)
 
 
-def genesis(sn: SuperNode) -> SignedBlock:
-    verified = sn.ledger.build(round=0, algorithm="fedavg", params={}, weights=WEIGHTS, records=[], metrics={},
+def genesis(sn: SuperNode, validators: Sequence[str] = ()) -> SignedBlock:
+    """The genesis block; the super nodes named ``validators`` (key seeds, as make_sn names them) are validators
+    with ``sn``, otherwise ``sn`` alone is."""
+    keys = sorted({sn.key.public_hex, *(NodeKey.from_seed(name.encode()).public_hex for name in validators)})
+    params = {"validators": keys} if validators else {}
+    verified = sn.ledger.build(round=0, algorithm="fedavg", params=params, weights=WEIGHTS, records=[], metrics={},
                                timestamp_ms=0)
     sn.ledger.accept(verified).result()
     return verified.block
@@ -79,7 +83,7 @@ def parts(block: SignedBlock, weights: dict[str, np.ndarray]):  # noqa: ANN201
 
 def test_block_is_cosigned_and_committed_by_a_peer_and_synced_by_a_late_joiner(entry: SuperNode,
                                                                               tmp_path: Path) -> None:
-    genesis(entry)
+    genesis(entry, ["peer"])   # "late" is no validator: it only syncs
     peer = make_sn(tmp_path, "peer", entry=entry.address)
     late = None
     try:
@@ -106,11 +110,12 @@ def test_block_is_cosigned_and_committed_by_a_peer_and_synced_by_a_late_joiner(e
 
 
 def test_a_block_without_a_majority_of_cosignatures_is_stored_nowhere(entry: SuperNode) -> None:
-    genesis(entry)
+    genesis(entry, ["dead0", "dead1"])
     head = entry.ledger.head
-    dead_peers = [GrpcPeer(f"dead{i}", f"127.0.0.1:{free_port()}") for i in range(2)]   # nothing listens there
+    dead_peers = [GrpcPeer(NodeKey.from_seed(f"dead{i}".encode()).node_id, f"127.0.0.1:{free_port()}")
+                  for i in range(2)]   # nothing listens there
 
-    with pytest.raises(NoMajorityError, match="1 of 3 co-signatures"):
+    with pytest.raises(NoMajorityError, match="1 of 3 validators' co-signatures"):
         finalize(entry.ledger, dead_peers, proposal(entry, {"w": WEIGHTS["w"] + 1}))
 
     entry.ledger.flush()
@@ -121,7 +126,7 @@ def test_a_block_without_a_majority_of_cosignatures_is_stored_nowhere(entry: Sup
 
 
 def test_a_peer_that_fails_to_commit_is_a_failure_of_the_round(entry: SuperNode, tmp_path: Path) -> None:
-    genesis(entry)
+    genesis(entry, ["peer0", "peer1"])
     peers = [make_sn(tmp_path, f"peer{i}", entry=entry.address) for i in range(2)]
     try:
         assert wait_until(lambda: all(p.ledger.head is not None for p in peers))

@@ -7,14 +7,19 @@ import time
 
 import pytest
 
-from chain.block import SignedBlock
+from chain.block import Cosignature, SignedBlock
 from chain.checkpoint import Checkpoint
 from chain.tensors import model_hash
-from chain.verify import Head, VerificationError, verify_block
+from chain.verify import Head, VerificationError, VerifiedBlock, verify_block
 from conftest import build_chain, global_weights, signed_records, trainer_keys
 from node.ledger import Ledger
 from storage.store import NotExtendingHead, StoreError
 from storage.writer import BackgroundWriter, WriterFailed
+
+
+def final(ledger: Ledger, built: VerifiedBlock) -> VerifiedBlock:
+    """A block this node built, co-signed by itself: final under its one-validator set, so ``accept`` takes it."""
+    return built.cosigned([Cosignature.create(built.header.height, built.block.hash, ledger.key)])
 
 
 @pytest.fixture
@@ -161,10 +166,10 @@ def test_ledger_failed_write_fails_later_blocks_leaves_no_gap_and_rolls_the_head
         records = signed_records(2, heads[-1].model_hash, trainer_keys(3))
         bad = ledger.build(round=2, algorithm="fedavg", params={}, weights=weights, records=records, metrics={},
                            timestamp_ms=1)
-        bad_durable = ledger.accept(bad, client_state={"c0": None})   # NULL state: the INSERT fails
+        bad_durable = ledger.accept(final(ledger, bad), client_state={"c0": None})   # NULL state: the INSERT fails
         nxt = ledger.build(round=3, algorithm="fedavg", params={}, weights=weights, records=[], metrics={},
                            timestamp_ms=2)
-        next_durable = ledger.accept(nxt)
+        next_durable = ledger.accept(final(ledger, nxt))
         with pytest.raises(StoreError):
             bad_durable.result(timeout=30)
         with pytest.raises(WriterFailed):
@@ -183,7 +188,7 @@ def test_ledger_accept_returns_before_the_block_is_durable(backend, tmp_path):
         ledger.writer.submit(gate.wait, 30)          # hold the writer so the accepted block must queue
         built = ledger.build(round=1, algorithm="fedavg", params={}, weights=global_weights(1, SHAPE), records=[],
                              metrics={}, timestamp_ms=1)
-        durable = ledger.accept(built)
+        durable = ledger.accept(final(ledger, built))
         queued = (durable.done(), ledger.store.head().height, ledger.head == built.head)
         gate.set()
         assert (queued, durable.result(timeout=30), ledger.store.head().hash) == \
@@ -200,8 +205,8 @@ def test_ledger_load_weights_of_a_queued_block_waits_for_its_write(backend, tmp_
     try:
         ledger.writer.submit(gate.wait, 30)
         weights = global_weights(1, SHAPE)
-        ledger.accept(ledger.build(round=1, algorithm="fedavg", params={}, weights=weights, records=[],
-                                   metrics={}, timestamp_ms=1))
+        ledger.accept(final(ledger, ledger.build(round=1, algorithm="fedavg", params={}, weights=weights, records=[],
+                                                 metrics={}, timestamp_ms=1)))
         threading.Timer(0.2, gate.set).start()
         assert model_hash(ledger.load_weights()) == model_hash(weights)
     finally:
@@ -218,7 +223,8 @@ def test_ledger_accepts_blocks_from_another_node_with_the_same_key(backend, tmp_
             replica.accept(replica.verify(served.block, served.records, served.weights_blob,
                                           served.cosignatures)).result(timeout=30)
         report = replica.verify_chain()
-        assert (report.head_hash, report.cosignatures, replica.head) == (heads[-1].hash, 3, heads[-1])
+        # one co-signer on each of the 3 blocks, and the proposer on the 2 round blocks
+        assert (report.head_hash, report.cosignatures, replica.head) == (heads[-1].hash, 5, heads[-1])
     finally:
         source.close()
         replica.close()

@@ -17,6 +17,7 @@ from config import Config
 from node.engine.errors import NetError
 from node.process import READY_FILE
 from node.rpc.clients import AdminClient, RoundLine
+from node.security.pki import TlsCredentials
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,14 @@ def stop_all(nodes: Sequence[NodeProcess], grace: float = 10.0) -> None:
             node.popen.wait()
 
 
-def wait_for_members(entry: str, supernodes: int, edges: int, timeout: float) -> None:
+def wait_for_members(entry: str, supernodes: int, edges: int, timeout: float,
+                     identity: TlsCredentials | None = None) -> None:
     """Poll the entry until it lists ``supernodes`` SNs carrying ``edges`` ENs in total."""
     deadline = time.monotonic() + timeout
     seen = (0, 0)
     while time.monotonic() < deadline:
         try:
-            with AdminClient(entry) as admin:
+            with AdminClient(entry, security=identity) as admin:
                 alive = [m for m in admin.nodes() if m.alive]
             seen = (sum(m.role != "edge" for m in alive), sum(m.role == "edge" for m in alive))
             if seen[0] >= supernodes and seen[1] >= edges:
@@ -113,21 +115,22 @@ def wait_for_members(entry: str, supernodes: int, edges: int, timeout: float) ->
                        f"expected {supernodes} and {edges}")
 
 
-def train(entry: str, rounds: int, emit: Callable[[str], None]) -> list[RoundLine]:
+def train(entry: str, rounds: int, emit: Callable[[str], None],
+          identity: TlsCredentials | None = None) -> list[RoundLine]:
     """Ask the entry to train ``rounds`` more rounds, relaying its progress; return the progress lines."""
     progress = []
-    with AdminClient(entry) as admin:
+    with AdminClient(entry, security=identity) as admin:
         for line in admin.train(rounds):
             progress.append(line)
             emit(line.text())
     return progress
 
 
-def check_chains(addresses: Sequence[str]) -> tuple[int, str]:
+def check_chains(addresses: Sequence[str], identity: TlsCredentials | None = None) -> tuple[int, str]:
     """Every SN verifies its own chain, and all heads must be equal; return (height, hash)."""
     heads = {}
     for address in addresses:
-        with AdminClient(address) as admin:
+        with AdminClient(address, security=identity) as admin:
             ok, _, message = admin.verify()
             if not ok:
                 raise ClusterError(f"the chain of {address} does not verify: {message}")
@@ -164,10 +167,12 @@ def _node_config_file(cfg: Config, path: Path) -> Path:
 
 
 def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Callable[[str], None] = print,
-                start_timeout: float = 120.0, edges_per_process: int = 1) -> dict:
+                start_timeout: float = 120.0, edges_per_process: int = 1, secure: bool = True) -> dict:
     """Start the topology, train ``rounds`` rounds, check every chain and equal heads, stop everything.
 
     ``edges_per_process`` > 1 hosts the edge nodes that many to a process (``main.py node --hosted-edges``).
+    ``secure`` (the default) runs the network in secure mode: the entry creates the CA and the join tokens, every
+    other node joins with its token, and this command speaks to the nodes as the operator.
     """
     import shutil
 
@@ -191,19 +196,27 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
                 LedgerStore(url).reset()
                 args += ["--db", url]
             sn_args.append(args)
-        entry_node = start_node("sn0", root / "sn0", [*sn_args[0], "-z"])
+        mode = ["--secure"] if secure else []
+        entry_node = start_node("sn0", root / "sn0", [*sn_args[0], "-z", *mode])
         nodes.append(entry_node)
         entry = entry_node.wait_ready(time.monotonic() + start_timeout)
-        emit(f"entry super node sn0 on {entry}")
+        emit(f"entry super node sn0 on {entry}" + (" (secure mode)" if secure else " (open mode)"))
+        identity: TlsCredentials | None = None
+        join: dict[str, list[str]] = {"SN": [], "EN": []}
+        if secure:
+            identity = TlsCredentials.load(entry_node.data_root / "admin")
+            joins = ["--join-address", entry_node.info["join_address"]]
+            join = {"SN": ["--join", f"@{entry_node.data_root / 'join-sn.token'}", *joins],
+                    "EN": ["--join", f"@{entry_node.data_root / 'join-en.token'}", *joins]}
         for i in range(1, supernodes):
-            nodes.append(start_node(f"sn{i}", root / f"sn{i}", [*sn_args[i], "--entry", entry]))
+            nodes.append(start_node(f"sn{i}", root / f"sn{i}", [*sn_args[i], "--entry", entry, *join["SN"]]))
         # Every super node joins before any edge node, so edge node i goes to super node i mod K (in join order),
         # the grouping `simulate --sn K` uses: the same seed gives the same model in every block.
         deadline = time.monotonic() + start_timeout
         for node in nodes[1:]:
             node.wait_ready(deadline)
             emit(f"{node.name} on {node.address}")
-        wait_for_members(entry, supernodes, 0, start_timeout)
+        wait_for_members(entry, supernodes, 0, start_timeout, identity)
         edge_nodes_from = len(nodes)
         for first in range(0, edges, edges_per_process):
             hosted = min(edges_per_process, edges - first)
@@ -211,18 +224,18 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
             nodes.append(start_node(name, root / name,
                                     ["--config", str(conf), "--nt", "EN", "--port", "0", "--entry", entry,
                                      "--partition-index", str(first), "--partition-count", str(edges),
-                                     "--hosted-edges", str(hosted)]))
+                                     "--hosted-edges", str(hosted), *join["EN"]]))
         deadline = time.monotonic() + start_timeout
         for node in nodes[edge_nodes_from:]:
             node.wait_ready(deadline)
             emit(f"{node.name} on {node.address}")
-        wait_for_members(entry, supernodes, edges, start_timeout)
+        wait_for_members(entry, supernodes, edges, start_timeout, identity)
         emit(f"{supernodes} super nodes and {edges} edge nodes registered; training {rounds} rounds")
-        progress = train(entry, rounds, emit)
-        height, head = check_chains([n.address for n in nodes if n.name.startswith("sn") and n.address])
+        progress = train(entry, rounds, emit, identity)
+        height, head = check_chains([n.address for n in nodes if n.name.startswith("sn") and n.address], identity)
         emit(f"all {supernodes} chains verify; head height {height} hash {head}")
         final = next((p.metrics for p in reversed(progress) if p.finished), {})
-        return {"supernodes": supernodes, "edges": edges, "rounds": rounds, "head_height": height,
+        return {"supernodes": supernodes, "edges": edges, "rounds": rounds, "secure": secure, "head_height": height,
                 "head_hash": head, "final_accuracy": final.get("accuracy"),
                 "round_timings": [p.timings for p in progress if p.finished],
                 "peak_rss_mib": {n.name: _peak_rss_mib(n.popen.pid) for n in nodes},

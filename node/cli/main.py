@@ -156,7 +156,8 @@ def _pct(value) -> str:
 
 
 NODE_KEYS = FL_KEYS + ("ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
-                       "partition_count", "hosted_edges", "heartbeat_s", "dead_after_s", "max_edges_per_sn")
+                       "partition_count", "hosted_edges", "heartbeat_s", "dead_after_s", "max_edges_per_sn",
+                       "secure", "insecure", "join", "join_port", "join_address")
 
 
 def _node_parser(sub) -> None:
@@ -181,6 +182,15 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", dest="heartbeat_s", type=float, help="seconds between heartbeats")
     p.add_argument("--dead-after", dest="dead_after_s", type=float, help="drop members silent this long")
     p.add_argument("--max-edges", dest="max_edges_per_sn", type=int, help="SN: edge nodes it accepts at most")
+    p.add_argument("--secure", action="store_true", default=None,
+                   help="secure mode: mutual TLS, admission by join token (default when binding a non-loopback "
+                        "address, and once a node has a certificate)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow open mode on a non-loopback address (anyone who reaches it controls the network)")
+    p.add_argument("--join", help="join token, or @FILE holding one (first start of a node in secure mode)")
+    p.add_argument("--join-port", dest="join_port", type=int, help="entry: port serving joins (default: port + 1)")
+    p.add_argument("--join-address", dest="join_address",
+                   help="HOST:PORT of the entry's join port (default: the --entry port + 1)")
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -196,6 +206,8 @@ def _cluster_parser(sub) -> None:
     p.add_argument("--en-per-process", type=int, default=1,
                    help="host this many edge nodes in each EN process (default 1: one process each)")
     p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
+    p.add_argument("--insecure", action="store_true",
+                   help="run the cluster in open mode (no TLS, no join tokens) instead of secure mode")
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -206,7 +218,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     try:
         result = run_cluster(cfg, args.sn, args.en, args.rounds or cfg.rounds,
-                             edges_per_process=args.en_per_process)
+                             edges_per_process=args.en_per_process, secure=not args.insecure)
     except ClusterError as exc:
         print(f"cluster failed: {exc}", file=sys.stderr)
         return 1

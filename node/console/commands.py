@@ -119,6 +119,7 @@ def cmd_status(con: Session) -> bool:
     members = f"{st.edges} edge node(s)" + (f", {st.supernodes} super node(s) registered" if st.role == "entry"
                                              else "")
     con.say(f"members   {members}")
+    con.say(f"validators {len(st.validators)}: {', '.join(st.validators) or 'none (empty chain)'}")
     state = "paused" if st.paused else ("running" if st.training else "idle")
     con.say(f"training  {state}")
     return True
@@ -169,7 +170,7 @@ def cmd_pause(con: Session) -> bool:
 
 
 def cmd_save(con: Session, path: str = "") -> bool:
-    """write the current global model to a file ON THE SUPER NODE: save(), save(path="...")"""
+    """write the current global model ON THE SUPER NODE, in its DATA_ROOT/models: save(), save(path="name.pt")"""
     if not isinstance(path, str):
         raise ConsoleError(f"bad arguments: path must be a string, got {path!r}")
     saved, digest = con.admin.save(path)
@@ -204,8 +205,10 @@ def cmd_get_sn(con: Session) -> bool:
         if m.role == "edge":
             edges.setdefault(m.parent_id, []).append(m)
     rows = []
+    validators = set(st.validators)
     for sn in sns:
-        note = ", ".join(x for x in (sn.role, "this node" if sn.node_id == st.node_id else "") if x)
+        note = ", ".join(x for x in (sn.role, "validator" if sn.node_id in validators else "",
+                                     "this node" if sn.node_id == st.node_id else "") if x)
         rows.append(["SN", sn.node_id, sn.address, _liveness(sn), f"{sn.load}/{sn.capacity or 'inf'}", note])
         if sn.alive and sn.node_id not in edges:
             note = "no edge nodes" if sn.load == 0 else "edge nodes unknown: super node unreachable"
@@ -217,6 +220,9 @@ def cmd_get_sn(con: Session) -> bool:
     live = [m for m in members if m.alive]
     con.say(f"{sum(m.role != 'edge' for m in live)} live super nodes, {sum(m.role == 'edge' for m in live)} live "
             f"edge nodes; {sum(not m.alive for m in members)} dead")
+    unlisted = sorted(validators - {sn.node_id for sn in sns})
+    if unlisted:
+        con.say(f"validators not listed here (never registered or forgotten): {', '.join(unlisted)}")
     return True
 
 
@@ -269,6 +275,29 @@ def cmd_verify(con: Session) -> bool:
     return False
 
 
+def cmd_remove_sn(con: Session, node_id: str) -> bool:
+    """remove a super node from the validator set by a block (entry only): removeSN("3fa2") takes an id or a
+    unique prefix of one, as getSN() shows them"""
+    if not isinstance(node_id, str) or not node_id:
+        raise ConsoleError(f"bad arguments: removeSN takes a super node id (or a unique prefix), got {node_id!r}")
+    result = con.admin.remove_supernode(_validator_id(con, node_id))
+    con.say(f"removed in block {result.height} {result.hash[:16]}; {len(result.validators)} validators: "
+            f"{', '.join(result.validators)}")
+    return True
+
+
+def _validator_id(con: Session, prefix: str) -> str:
+    """The one validator id (or registered super node id) that starts with ``prefix``."""
+    known = set(con.admin.status().validators) | {m.node_id for m in con.admin.nodes() if m.role != "edge"}
+    matches = sorted(n for n in known if n.startswith(prefix.lower()))
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ConsoleError(f"no super node id starts with {prefix!r}; getSN() lists them")
+    raise ConsoleError(f"{prefix!r} is the start of {len(matches)} super node ids ({', '.join(matches)}); "
+                       "give more of it")
+
+
 def cmd_get_model(con: Session, height: int | None = None, path: str | None = None) -> bool:
     """download and check a model, save it as a torch state_dict: getModel(), getModel(height=2, path="m.pt")"""
     if height is None:
@@ -307,6 +336,23 @@ def _write_state_dict(weights: dict[str, np.ndarray], target: Path) -> None:
         raise ConsoleError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
+def cmd_tokens(con: Session) -> bool:
+    """print the join tokens of a secure network (entry only): nodes join with --join TOKEN"""
+    tokens = con.admin.tokens()
+    con.say(f"super nodes: {tokens['supernode']}")
+    con.say(f"edge nodes:  {tokens['edge']}")
+    return True
+
+
+def cmd_rotate_token(con: Session, role: str) -> bool:
+    """revoke a join token and issue a new one: rotateToken("supernode") or rotateToken("edge")"""
+    if role not in ("supernode", "edge"):
+        raise ConsoleError('bad arguments: rotateToken takes "supernode" or "edge"')
+    tokens = con.admin.rotate_token(role)
+    con.say(f"the old {role} token is revoked; the new one: {tokens[role]}")
+    return True
+
+
 def cmd_quit(con: Session) -> bool:
     """leave the console (also exit() or Ctrl-D)"""
     raise Quit
@@ -320,10 +366,13 @@ COMMANDS: dict[str, Callable[..., bool]] = {
     "save": cmd_save,
     "eval": cmd_eval,
     "getSN": cmd_get_sn,
+    "removeSN": cmd_remove_sn,
     "getModel": cmd_get_model,
     "chain": cmd_chain,
     "getBlock": cmd_get_block,
     "verify": cmd_verify,
+    "tokens": cmd_tokens,
+    "rotateToken": cmd_rotate_token,
     "quit": cmd_quit,
 }
 

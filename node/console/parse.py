@@ -13,6 +13,7 @@ class ConsoleError(Exception):
 
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _SPACE_FORM = re.compile(r"([A-Za-z_]\w*)\s+(\S.*)", re.DOTALL)
+_HEX_WORD = re.compile(r"[0-9a-f]*[a-f][0-9a-f]*")   # a node id or a prefix of one, as getSN() shows them
 
 
 def parse_command(line: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
@@ -20,7 +21,8 @@ def parse_command(line: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
 
     Arguments must be Python literals (numbers, strings, booleans, None, lists...); they are read with
     ``ast.literal_eval`` node by node, so nothing the user types is ever executed. In the space form a bare
-    word argument is taken as a string (``help train``). Raises ConsoleError with one line on anything else.
+    word argument is taken as a string (``help train``), as is a lone word of lowercase hex digits with a letter
+    among them (a node id or its prefix: ``removeSN 3fa2``). Raises ConsoleError with one line on anything else.
     """
     text = line.strip().rstrip(";").strip()
     if not text:
@@ -29,6 +31,8 @@ def parse_command(line: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
         return text, (), {}
     bare_words = False
     space = _SPACE_FORM.fullmatch(text)
+    if space and _HEX_WORD.fullmatch(space.group(2).strip()):   # removeSN 3fa2: not a Python literal, an id
+        return space.group(1), (space.group(2).strip(),), {}
     if space and not space.group(2).startswith("("):
         text, bare_words = f"{space.group(1)}({space.group(2)})", True
     try:

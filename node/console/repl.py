@@ -12,8 +12,9 @@ from node.console.commands import ALIASES, COMMANDS, Quit, lookup
 from node.console.parse import ConsoleError, parse_command, split_script
 from node.engine.errors import NetError
 from node.engine.views import NodeStatus
-from node.rpc.clients import AdminClient, is_edge_node
+from node.rpc.clients import AdminClient, is_edge_node, speaks_tls
 from node.rpc.options import DEADLINES
+from node.security.pki import TlsCredentials
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,11 @@ class ProbeError(ConsoleError):
 class Console:
     """One connection to a super node and the commands that use it (it is the commands' Session)."""
 
-    def __init__(self, address: str, out: TextIO = sys.stdout):
+    def __init__(self, address: str, out: TextIO = sys.stdout, identity: TlsCredentials | None = None):
         self.address = address
         self.out = out
-        self.admin = AdminClient(address)
+        self.identity = identity      # the operator's certificate, for a secure node (console.py --identity)
+        self.admin = AdminClient(address, security=identity)
         self.deadlines = DEADLINES
 
     def close(self) -> None:
@@ -56,11 +58,20 @@ class Console:
             return self.admin.status(timeout=PROBE_DEADLINE)
         except NetError as exc:
             if exc.status == "UNIMPLEMENTED":
-                if is_edge_node(self.address, PROBE_DEADLINE):
+                if is_edge_node(self.address, PROBE_DEADLINE, self.identity):
                     raise ProbeError(f"{self.address} is an edge node; connect the console to a super node") \
                         from None
                 raise ProbeError(f"{self.address} does not serve the fledger Admin service; connect the "
                                  f"console to a super node") from None
+            if exc.status == "UNAVAILABLE" and speaks_tls(self.address, PROBE_DEADLINE):
+                if self.identity is None:
+                    raise ProbeError(f"{self.address} runs in secure mode: pass --identity DIR, the operator "
+                                     "identity its entry writes in DATA_ROOT/admin") from None
+                raise ProbeError(f"the TLS handshake with {self.address} failed: is --identity from this "
+                                 "network (its entry's DATA_ROOT/admin)?") from None
+            if exc.status in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                raise ProbeError(f"{self.address} refused this console: {exc.details or exc}; use the operator "
+                                 "identity (--identity DATA_ROOT/admin of the entry)") from None
             if exc.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
                 raise ProbeError(f"cannot reach a super node at {self.address} ({exc.status}); is it running? "
                                  f"start one with `python main.py --port PORT --nt SN -z` or fix --ip/--port") \

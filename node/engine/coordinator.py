@@ -1,20 +1,36 @@
 """The proposer's round, the one round path of the simulator and the network: select edge nodes over every super
 node, announce, collect the partials (in-process or over gRPC), combine them, evaluate, build the block, have it
-co-signed and committed. The entry super node runs it; the simulator runs it with in-process peers."""
+co-signed and committed. The entry super node runs it; the simulator runs it with in-process peers. It also
+proposes the membership blocks that change the validator set, never in the middle of a round."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from chain.block import SignedBlock
+from chain.keys import node_id_for
+from chain.validators import VALIDATORS, MembershipChange, MembershipError, apply_change
 from fl.server import RoundFailed, evaluate_personalised
 from node.engine.consensus import ask_all, finalize
-from node.engine.errors import PreconditionError
-from node.engine.partial import check_partial, combine, combine_metrics
+from node.engine.errors import BadRequestError, PreconditionError
+from node.engine.partial import Roster, check_partial, combine, combine_metrics, shared_trainers
 from node.engine.receipts import integer_metrics
 from node.engine.supernode import SuperNodeCore
-from node.engine.types import Announcement, Base, EdgeDirectory, EdgeRef, Partial, Peer, Plan, RoundReport, share_order
+from node.engine.types import (
+    Announcement,
+    Base,
+    EdgeDirectory,
+    EdgeRef,
+    MembershipResult,
+    Partial,
+    Peer,
+    Plan,
+    RoundReport,
+    share_order,
+)
 from node.ledger import Ledger
 from node.run import RunContext
 
@@ -35,13 +51,28 @@ class Coordinator:
         self.wait_durable = wait_durable  # False: a round without peers does not wait for its block's write
         self.concurrent = concurrent      # ask the super nodes in parallel (remote) or in turn (in-process)
         self.client_state = client_state  # the simulator's per-client state, stored with each block to resume
+        self._serial = threading.Lock()   # one block at a time: a round, or a change of the validator set
+        self._changes = threading.Condition()   # membership changes waiting for _serial; rounds let them go first
+        self._changes_waiting = 0
+        self._listing = threading.local()  # .roster: who listed which edge, from this thread's last all_edges
 
-    def genesis(self, edges: Sequence[EdgeRef] = ()) -> tuple[SignedBlock, dict[str, float]]:
+    def genesis_params(self, validators: Collection[str] | None = None) -> dict[str, Any]:
+        """The genesis block's params: the run's, plus the initial validator set (sorted keys) when one is given;
+        without it the genesis proposer alone is the first validator."""
+        params: dict[str, Any] = dict(self.ctx.params())
+        if validators is not None:
+            params[VALIDATORS] = sorted(set(validators))
+        return params
+
+    def genesis(self, edges: Sequence[EdgeRef] = (),
+                validators: Collection[str] | None = None) -> tuple[SignedBlock, dict[str, float]]:
         """The round-0 block from the seeded initial model, evaluated (when personalised) on ``edges``, and its
-        metrics."""
+        metrics. ``validators`` (public keys, this node's among them) is the initial validator set; by default
+        this node alone."""
         weights = self.ctx.genesis_weights()
         metrics = self.evaluate(Base(0, None, weights), edges)
-        proposal = self.ledger.build(round=0, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
+        proposal = self.ledger.build(round=0, algorithm=self.ctx.strategy.name,
+                                     params=self.genesis_params(validators),
                                      weights=weights, records=[], metrics=integer_metrics(metrics),
                                      timestamp_ms=self.ctx.timestamp(0))
         durable = self.ledger.accept(proposal, self.client_state() if self.client_state else None)
@@ -62,9 +93,30 @@ class Coordinator:
         return [e for e in ordered if e.node_id in chosen]
 
     def all_edges(self, peers: Sequence[Peer]) -> list[EdgeRef]:
-        """Every live edge node: this super node's own and each peer's (an unreachable peer lists none)."""
+        """Every live edge node once: this super node's own, then each peer's (an unreachable peer lists none). An
+        edge a peer lists beside this node's own stays this node's; one that two peers list is left out, since the
+        proposer cannot tell which holds it. Who listed each, with its declared samples, is kept as this thread's
+        roster, which ``_collect`` holds the partials to."""
         listed, _ = ask_all(peers, lambda peer: peer.edges(), "list edge nodes", self.concurrent)
-        return self.local.edges() + [e for edges in listed.values() for e in edges]
+        own = self.local.edges()
+        roster: dict[str, tuple[str, int | None]] = {e.node_id: (self.local.node_id, e.samples) for e in own}
+        edges = {e.node_id: e for e in own}
+        contested: set[str] = set()
+        for sn_id in sorted(listed):
+            for edge in listed[sn_id]:
+                holder = roster.get(edge.node_id, (sn_id, None))[0]
+                if holder == self.local.node_id or edge.node_id in contested:
+                    continue
+                if holder != sn_id:
+                    log.warning("edge node %s is listed by super nodes %s and %s; leaving it out of the round",
+                                edge.node_id, holder, sn_id)
+                    contested.add(edge.node_id)
+                    del roster[edge.node_id], edges[edge.node_id]
+                    continue
+                roster[edge.node_id] = (sn_id, edge.samples)
+                edges[edge.node_id] = edge
+        self._listing.roster = roster
+        return list(edges.values())
 
     def evaluate(self, model: Base, edges: Sequence[EdgeRef] = ()) -> dict[str, float]:
         """Global evaluation and, when the run is personalised, every given edge node's personalised accuracy."""
@@ -90,7 +142,14 @@ class Coordinator:
         evaluation), block_s (build and sign), cosign_s (peers verify and co-sign), store_s (the proposer's
         durable write), commit_s (peers store), round_s (all), plus the slowest super node's own figures
         (edge_train_max_s, edge_train_mean_s, transfer_max_s, sn_aggregate_s, sn_round_s).
+        Rounds and membership changes run one at a time; a change that is waiting goes before the next round.
         """
+        with self._changes:
+            self._changes.wait_for(lambda: self._changes_waiting == 0)
+        with self._serial:
+            return self._run_round(round)
+
+    def _run_round(self, round: int) -> RoundReport:
         started = time.perf_counter()
         head = self.ledger.head
         if head is None:
@@ -100,12 +159,13 @@ class Coordinator:
         base = self.local.base(head.height)
         peers = list(self.peers())
         edges = self.all_edges(peers)
+        roster: Roster = self._listing.roster   # who listed each edge above (all_edges, on this thread)
         selected = self.select(round, edges)
         announcement = Announcement(round, base.height, base.model_hash, self.local.node_id,
                                     tuple(e.node_id for e in selected), Plan.of(self.ctx.strategy))
         timings = {"select_s": time.perf_counter() - started}
         mark = time.perf_counter()
-        partials, failures = self._collect(announcement, base, peers)
+        partials, failures = self._collect(announcement, base, peers, roster)
         timings["partials_s"] = time.perf_counter() - mark
         for p in partials:
             failures.extend(p.failures)
@@ -141,15 +201,77 @@ class Coordinator:
                  block.hash[:12], len(records), len(failures), timings["round_s"])
         return RoundReport(round, block, metrics, len(records), failures, timings)
 
-    def _collect(self, announcement: Announcement, base: Base,
-                 peers: Sequence[Peer]) -> tuple[list[Partial], list[tuple[str, str]]]:
-        """Every super node's partial, this one's included, each checked; a failing super node is a failure."""
+    def change_validators(self, op: str, key: str, node_id: str) -> MembershipResult:
+        """Propose, have co-signed and store a membership block on the head that adds (``op`` "add") or removes
+        ("remove") the super node ``key`` (``node_id``) from the validator set. It needs a strict majority of the
+        set in force, as any block; it waits for a running round to end and never interleaves with one.
+
+        Raises BadRequestError for a malformed change, PreconditionError for one that cannot apply (already a
+        validator, not one, the last one, the authority) or an empty chain, NoMajorityError (nothing stored)
+        when too few validators co-signed.
+        """
+        change = MembershipChange(op, key, node_id)
+        try:
+            change.check()
+        except MembershipError as exc:
+            raise BadRequestError(str(exc)) from exc
+        with self._changes:
+            self._changes_waiting += 1
+        try:
+            with self._serial:
+                return self._change(change)
+        finally:
+            with self._changes:
+                self._changes_waiting -= 1
+                self._changes.notify_all()
+
+    def _change(self, change: MembershipChange) -> MembershipResult:
+        head = self.ledger.head
+        if head is None:
+            raise PreconditionError("the chain has no genesis block yet")
+        try:
+            apply_change(self.ledger.validators, change, self.ledger.key.public_hex)
+        except MembershipError as exc:
+            raise PreconditionError(str(exc)) from exc
+        base = self.local.base(head.height)
+        proposal = self.ledger.build(round=head.round, algorithm=self.ctx.strategy.name, params=change.params(),
+                                     weights=base.weights, records=[], metrics={},
+                                     timestamp_ms=self.ctx.timestamp(head.round), weights_blob=base.blob)
+        final, refused = finalize(self.ledger, list(self.peers()), proposal, wait_durable=self.wait_durable,
+                                  concurrent=self.concurrent,
+                                  client_state=self.client_state() if self.client_state else None)
+        block = final.block
+        self.local.remember(Base(block.header.height, block.header.model_hash, base.weights, base.blob))
+        validators = tuple(sorted(node_id_for(k) for k in self.ledger.validators))
+        for peer_id, why in refused:
+            log.warning("membership block %d: %s: %s", block.header.height, peer_id, why)
+        log.info("block %d %s: %s super node %s; %d validators", block.header.height, block.hash[:12],
+                 "added" if change.op == "add" else "removed", change.node_id, len(validators))
+        return MembershipResult(block.header.height, block.hash, validators)
+
+    def _collect(self, announcement: Announcement, base: Base, peers: Sequence[Peer],
+                 roster: Roster) -> tuple[list[Partial], list[tuple[str, str]]]:
+        """Every super node's partial, this one's included, each checked against the round and the ``roster`` of
+        who listed which edge. A super node that fails, or whose partial is refused, is a failure; a refused
+        partial is dropped whole, and the selected edges listed under it are failures that say so."""
         everyone: list[Peer] = [self.local, *peers]
+        refused: set[str] = set()
 
         def partial_of(peer: Peer) -> Partial:
             partial = peer.train(announcement, base)
-            check_partial(partial, announcement, base)
+            try:
+                check_partial(partial, announcement, base, roster, peer.node_id)
+            except BadRequestError:
+                refused.add(peer.node_id)
+                raise
             return partial
 
         answers, failures = ask_all(everyone, partial_of, "train", self.concurrent)
-        return [answers[node_id] for node_id in sorted(answers)], failures
+        partials = [answers[node_id] for node_id in sorted(answers)]
+        shared = shared_trainers(partials)
+        failures += shared
+        refused |= {sn_id for sn_id, _ in shared}
+        failures += [(edge_id, f"not used: the partial of its super node {roster[edge_id][0]} was refused")
+                     for edge_id in announcement.participants
+                     if edge_id in roster and roster[edge_id][0] in refused]
+        return [p for p in partials if p.sn_id not in refused], failures

@@ -3,7 +3,7 @@ service and the simulator's in-process edge nodes both run exactly this."""
 from __future__ import annotations
 
 import logging
-import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +12,14 @@ import numpy as np
 
 from chain.block import SignedRecord
 from chain.keys import NodeKey
-from chain.tensors import decode_weights, encode_weights, model_hash
+from chain.private import write_private
+from chain.tensors import decode_weights, encode_weights, encoded_size, model_hash
 from config import ConfigError
 from fl.local import InProcessParticipant
 from fl.participant import EvalRes, FitIns, FitRes, Participant
-from node.engine.errors import BadRequestError
+from fl.train import TrainingCancelled
+from fl.weights import state_to_numpy
+from node.engine.errors import BadRequestError, CancelledError
 from node.engine.receipts import sign_update
 from node.engine.types import Base, EdgeRef, Weights
 
@@ -36,18 +39,36 @@ class EdgeCore:
         self.personal_file = personal_file
         self.share = share
         self.node_id = key.node_id
+        self._model_bytes: int | None = None
 
     @property
     def samples(self) -> int:
         return self.participant.num_train_samples
 
-    def fit(self, weights: Weights, ins: FitIns, base_hash: str) -> tuple[FitRes, SignedRecord, str, float]:
+    @property
+    def model_bytes(self) -> int:
+        """The encoded size of this edge node's whole model: no model sent to it for training or evaluation is
+        larger (the wire layer caps transfers at this plus a little slack for the blob's header). Measured once,
+        without the model's lock: only shapes and dtypes count, and training changes neither."""
+        if self._model_bytes is None:
+            self._model_bytes = encoded_size(state_to_numpy(self.participant.workbench.model))
+        return self._model_bytes
+
+    def fit(self, weights: Weights, ins: FitIns, base_hash: str,
+            cancel: threading.Event | None = None) -> tuple[FitRes, SignedRecord, str, float]:
         """Train from ``weights`` (whose hash the caller computed once); return the result (its receipt is the
         signed record), the signed record, the update's hash, and the seconds spent training. BadRequestError when
-        the weights do not fit this edge node's model."""
+        the weights do not fit this edge node's model; CancelledError when ``cancel`` is set before training ends
+        (the caller gave up: training stops between two batches)."""
         started = time.perf_counter()
         try:
-            res = self.participant.fit(weights, ins)
+            if cancel is not None and isinstance(self.participant, InProcessParticipant):
+                res = self.participant.fit(weights, ins, cancel=cancel)
+            else:   # a stand-in participant (tests) trains to the end
+                res = self.participant.fit(weights, ins)
+        except TrainingCancelled as exc:
+            log.info("round %d: %s; the caller went away", ins.round, exc)
+            raise CancelledError(f"round {ins.round}: {exc}") from exc
         except ValueError as exc:
             raise BadRequestError(f"cannot train on these weights: {exc}") from exc
         train_s = time.perf_counter() - started
@@ -93,7 +114,7 @@ class LocalEdges:
     def __init__(self, cores: list[EdgeCore], on_fit: Callable[[], None] | None = None):
         self.cores = {t.node_id: t for t in cores}
         self.on_fit = on_fit   # called after each fit (the simulator's progress bar)
-        self._refs = [EdgeRef(t.node_id, "", t.share) for t in cores]
+        self._refs = [EdgeRef(t.node_id, "", t.share, t.samples) for t in cores]
 
     def edges(self) -> list[EdgeRef]:
         return list(self._refs)
@@ -106,16 +127,12 @@ class LocalEdges:
 
 
 def save_personal(participant: InProcessParticipant, path: Path) -> None:
-    """Write the participant's personal layers (encode_weights format, never pickled) atomically."""
+    """Write the participant's personal layers (encode_weights format, never pickled) atomically, mode 0600: they
+    are derived from the edge node's private data."""
     state = participant.personal_state()
     if state is None:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(encode_weights(state))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_private(path, encode_weights(state))
 
 
 def restore_personal(participant: InProcessParticipant, path: Path) -> bool:

@@ -5,17 +5,23 @@ Pure logic (no gRPC, no sleeping): the clock is injected so tests can move time 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from chain.encoding import is_hex_digest
 from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN, node_id_for
-from node.engine.errors import BadRequestError, NoCapacityError, NotFoundError, TakenIdError, UnavailableError
+from node.engine.errors import BadRequestError, NoCapacityError, NotFoundError, TakenIdError, UnavailableError, clip
 
 log = logging.getLogger(__name__)
 
-MAX_DEAD_LISTED = 256   # dropped members remembered for getSN(); older ones are forgotten
+MAX_DEAD_LISTED = 64    # dropped members remembered for getSN(); older ones are forgotten
+MAX_ADDRESS_CHARS = 255   # a DNS name is at most 253 characters; with ":port" a real address fits easily
+MAX_SAMPLES = 2**40       # a sample count above this is a lie (and 2**63 overflows the ledger's BIGINT column)
+# HOST:PORT, the host a DNS name, an IPv4 address or a bracketed IPv6 address.
+_ADDRESS = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,9 @@ class Membership:
         self.capacity = capacity          # max members (0 = unlimited)
         self.kind = kind                  # "super node" / "edge node", for messages
         self._clock = clock
+        # The most samples a member may declare: an edge node's declared count bounds its averaging weight, so a
+        # super node sets this to its run's training-set size (no share can hold more).
+        self.sample_limit: Callable[[], int] = lambda: MAX_SAMPLES
         self._lock = threading.Lock()
         self._members: dict[str, Member] = {}
         self._dead: dict[str, Member] = {}   # dropped members, listed as dead until they register again
@@ -57,14 +66,20 @@ class Membership:
     def register(self, node_id: str, public_key: str, address: str, capacity: int = 0, samples: int = 0,
                  share: int | None = None) -> Member:
         """Add or refresh a member; the same id with another key is refused, as is a new member when full."""
+        limit = self.sample_limit()   # outside the lock: the first call may load the run's dataset
         with self._lock:
             self._prune_locked()
+            check_node_id(node_id)
             known = self._members.get(node_id)
             if known is not None and known.public_key != public_key:
                 raise TakenIdError(f"{self.kind} id {node_id} is already registered under another public key")
             _check_identity(node_id, public_key)
-            if not address or ":" not in address:
-                raise BadRequestError(f"{self.kind} {node_id}: address must be host:port, got {address!r}")
+            check_address(address, f"{self.kind} {node_id}")
+            if not 0 <= samples <= MAX_SAMPLES:
+                raise BadRequestError(f"{self.kind} {node_id}: {samples} samples is out of range (0..2^40)")
+            if samples > limit:
+                raise BadRequestError(f"{self.kind} {node_id} declares {samples} training samples; this run's "
+                                      f"training set holds {limit}")
             if known is None and self.capacity and len(self._members) >= self.capacity:
                 raise NoCapacityError(f"{self.kind} table is full ({self.capacity}); try another super node")
             if known is None:
@@ -79,6 +94,7 @@ class Membership:
 
     def heartbeat(self, node_id: str, load: int | None = None) -> Member:
         """Refresh a member's liveness (and load); an unknown or dropped id must register again."""
+        check_node_id(node_id)
         with self._lock:
             self._prune_locked()
             member = self._members.get(node_id)
@@ -92,7 +108,7 @@ class Membership:
         with self._lock:
             self._prune_locked()
             if node_id not in self._members:
-                raise NotFoundError(f"unknown {self.kind} {node_id}")
+                raise NotFoundError(f"unknown {self.kind} {clip(node_id, 64)}")
             return self._members[node_id]
 
     def members(self) -> list[Member]:
@@ -111,6 +127,13 @@ class Membership:
 
     def __len__(self) -> int:
         return len(self.members())
+
+    def drop(self, node_id: str) -> None:
+        """Drop a member now, as if it had gone silent (listed as dead); it may register again."""
+        with self._lock:
+            member = self._members.pop(node_id, None)
+            if member is not None:
+                self._dead[node_id] = member
 
     def _prune_locked(self) -> list[Member]:
         now = self._clock()
@@ -168,12 +191,24 @@ class SuperNodeRegistry(Membership):
         return chosen
 
 
+def check_node_id(node_id: str, what: str = "node id") -> None:
+    """BadRequestError unless ``node_id`` is a node id: NODE_ID_HEX_LEN lowercase hex digits."""
+    if not is_hex_digest(node_id, NODE_ID_HEX_LEN):
+        raise BadRequestError(f"{what} must be {NODE_ID_HEX_LEN} lowercase hex digits, got {clip(node_id, 40)!r}")
+
+
+def check_address(address: str, who: str = "node") -> None:
+    """BadRequestError unless ``address`` is HOST:PORT of at most MAX_ADDRESS_CHARS characters, port 1-65535."""
+    match = _ADDRESS.fullmatch(address) if len(address) <= MAX_ADDRESS_CHARS else None
+    if match is None or not 0 < int(match.group(1)) < 65536:
+        raise BadRequestError(f"{clip(who, 80)}: address must be host:port (at most {MAX_ADDRESS_CHARS} characters, "
+                              f"port 1-65535), got {clip(address, 80)!r}")
+
+
 def _check_identity(node_id: str, public_key: str) -> None:
-    if len(public_key) != PUBLIC_KEY_HEX_LEN or len(node_id) != NODE_ID_HEX_LEN:
-        raise BadRequestError("node id must be 32 hex digits and public key 64 hex digits")
-    try:
-        derived = node_id_for(public_key)
-    except ValueError:
-        raise BadRequestError("public key is not hex") from None
+    check_node_id(node_id)
+    if not is_hex_digest(public_key, PUBLIC_KEY_HEX_LEN):
+        raise BadRequestError(f"public key must be {PUBLIC_KEY_HEX_LEN} lowercase hex digits")
+    derived = node_id_for(public_key)
     if derived != node_id:
         raise BadRequestError(f"node id {node_id} does not match its public key (expected {derived})")

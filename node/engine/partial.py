@@ -17,6 +17,9 @@ from node.engine.errors import BadRequestError
 from node.engine.receipts import check_receipt
 from node.engine.types import Announcement, Base, EdgeDirectory, Partial, Weights
 
+Roster = Mapping[str, tuple[str, int | None]]   # edge id -> (the super node that listed it, its declared samples)
+MAX_SAMPLES = 2**63 - 1   # a record's sample count is a signed 64-bit integer in the ledger's database
+
 
 def train_partial(sn_id: str, announcement: Announcement, base: Base, directory: EdgeDirectory) -> Partial:
     """Run the round over this super node's edge nodes that the proposer selected; failures are data. Each edge's
@@ -28,11 +31,16 @@ def train_partial(sn_id: str, announcement: Announcement, base: Base, directory:
         return Partial(sn_id, round, 0, None)
     strategy = announcement.plan.strategy()
     participants = [directory.connect(e, base) for e in edges]
+    declared = {e.node_id: e.samples for e in edges}
     checked: dict[str, SignedRecord] = {}
     results: list[tuple[str, FitRes]] = []
 
     def check(participant: Participant, res: FitRes) -> None:
-        checked[participant.participant_id] = check_receipt(res, round, base.model_hash, participant.participant_id)
+        edge_id = participant.participant_id
+        bound = declared.get(edge_id)
+        if bound is not None and res.samples > bound:   # the sample count is its weight in the average
+            raise ValueError(f"claims {res.samples} samples but declared {bound} at admission")
+        checked[edge_id] = check_receipt(res, round, base.model_hash, edge_id)
 
     def keep(edge_id: str, res: FitRes) -> None:
         results.append((edge_id, res))
@@ -78,18 +86,33 @@ def weighted_metrics(items: Sequence[tuple[Mapping[str, float], int]], prefix: s
     return out
 
 
-def check_partial(partial: Partial, announcement: Announcement, base: Base) -> None:
-    """The proposer's checks of a super node's partial (BadRequestError naming up to three problems): for this
-    round, records only of selected edge nodes, each once, for this round and base, summing to its samples, and
-    weights exactly when samples > 0, each tensor shaped as the base's."""
+def check_partial(partial: Partial, announcement: Announcement, base: Base, roster: Roster | None = None,
+                  sn_id: str | None = None) -> None:
+    """The proposer's checks of the partial that super node ``sn_id`` (default: the one it names) returned
+    (BadRequestError naming the super node and up to three problems): for this round and from that super node;
+    records only of edge nodes selected for this round that, in ``roster``, this super node listed as its own,
+    each once, each for this round and base and for at most the samples the edge declared at admission, summing
+    to the partial's samples; weights exactly when samples > 0, each tensor shaped as the base's."""
+    sn_id = sn_id or partial.sn_id
     selected = set(announcement.participants)
     records = [r.record for r in partial.records]
     problems = []
     if partial.round != announcement.round:
         problems.append(f"partial is for round {partial.round}")
+    if partial.sn_id != sn_id:
+        problems.append(f"it says it comes from {partial.sn_id}")
     problems += [f"record of {r.trainer_id} is for round {r.round} / another base model" for r in records
                  if r.round != announcement.round or r.base_model_hash != base.model_hash]
-    problems += [f"{r.trainer_id} was not selected for this round" for r in records if r.trainer_id not in selected]
+    for r in records:
+        listed_by, declared = (roster or {}).get(r.trainer_id, (None, None))
+        if r.trainer_id not in selected or (roster is not None and listed_by != sn_id):
+            problems.append(f"record of edge {r.trainer_id}, which was not selected under {sn_id} in round "
+                            f"{announcement.round}")
+        elif declared is not None and r.samples > declared:
+            problems.append(f"record of edge {r.trainer_id} claims {r.samples} samples but declared {declared} "
+                            "at admission")
+        elif r.samples > MAX_SAMPLES:
+            problems.append(f"record of edge {r.trainer_id} claims {r.samples} samples, more than a ledger holds")
     if len({r.trainer_id for r in records}) != len(records):
         problems.append("an edge node appears twice")
     if sum(r.samples for r in records) != partial.samples:
@@ -101,7 +124,24 @@ def check_partial(partial: Partial, announcement: Announcement, base: Base) -> N
         if ref is None or array.shape != ref.shape or array.dtype != ref.dtype:
             problems.append(f"tensor {name!r} does not match the global model")
     if problems:
-        raise BadRequestError(f"partial of {partial.sn_id} refused: {'; '.join(problems[:3])}")
+        raise BadRequestError(f"partial of super node {sn_id} refused: {'; '.join(problems[:3])}")
+
+
+def shared_trainers(partials: Sequence[Partial]) -> list[tuple[str, str]]:
+    """(super node id, reason) for each partial carrying a record of an edge node that another partial carries
+    too: no trainer may count twice in a round, and the proposer cannot tell which of them is honest."""
+    holders: dict[str, list[str]] = {}
+    for p in partials:
+        for r in p.records:
+            holders.setdefault(r.record.trainer_id, []).append(p.sn_id)
+    refused: dict[str, str] = {}
+    for trainer, sns in holders.items():
+        for sn in sns:
+            other = next((o for o in sns if o != sn), None)
+            if other is not None and sn not in refused:
+                refused[sn] = f"partial of super node {sn} refused: edge {trainer} appears in the partial of " \
+                              f"super node {other} too"
+    return sorted(refused.items())
 
 
 def combine_order(partials: Sequence[Partial], announcement: Announcement) -> list[Partial]:

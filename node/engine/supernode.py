@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 from chain.block import Cosignature
 from chain.verify import VerificationError, VerifiedBlock
@@ -29,6 +29,7 @@ class SuperNodeCore:
         self.directory = directory
         self.upstream = upstream              # the proposer to catch up from when an announcement is ahead of us
         self._round_lock = threading.Lock()
+        self._sync_lock = threading.Lock()   # one catch-up at a time (a round's, a co-signing's, a heartbeat's)
         self._lock = threading.Lock()
         self._pending: dict[str, VerifiedBlock] = {}   # block hash -> verified and co-signed, not yet committed
         self._base: Base | None = None                  # the last model a round started from (or a block stored)
@@ -72,7 +73,7 @@ class SuperNodeCore:
                 raise PreconditionError(f"round {round} is stale: this node's head closed round {head.round}")
             upstream = self.upstream()
             if (head is None or head.height < announcement.base_height) and upstream is not None:
-                sync_from(self.ledger, upstream)   # behind the proposer: catch up first
+                self.catch_up(upstream)   # behind the proposer: catch up first
                 head = self.ledger.head
             if head is None or head.height != announcement.base_height \
                     or head.model_hash != announcement.base_model_hash:
@@ -87,11 +88,25 @@ class SuperNodeCore:
         finally:
             self._round_lock.release()
 
+    def catch_up(self, upstream: Peer | None = None) -> int:
+        """Sync from ``upstream`` (default: this node's) every block it has beyond the head, each verified final
+        under the validator set in force; how many were added. A node that is no validator gets no commits and
+        catches up this way."""
+        upstream = upstream if upstream is not None else self.upstream()
+        if upstream is None:
+            return 0
+        with self._sync_lock:
+            return sync_from(self.ledger, upstream)
+
     # ---- blocks ---------------------------------------------------------------------------------------------
 
     def cosign(self, data: BlockData) -> Cosignature:
-        """Verify a proposed block once, against this node's head and the chain's authority, and co-sign it; the
-        verified block waits for its commit."""
+        """Verify a proposed block once, against this node's head, the chain's authority and its validator set, and
+        co-sign it; the verified block waits for its commit. A node more than one block behind (a validator just
+        admitted, or one that missed a membership block) first catches up from its upstream."""
+        head, upstream = self.ledger.head, self.upstream()
+        if upstream is not None and data.block.header.height > (head.height + 1 if head is not None else 0):
+            self.catch_up(upstream)
         verified = verify(self.ledger, data)
         height = verified.block.header.height
         with self._lock:
@@ -101,13 +116,13 @@ class SuperNodeCore:
         return Cosignature.create(height, verified.block.hash, self.key)
 
     def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
-        """Store a block this node co-signed, once the proposer shows a majority of co-signatures; returns when it
-        is durable here."""
+        """Store a block this node co-signed, once the proposer shows co-signatures of a strict majority of this
+        node's validator set; returns when it is durable here."""
         with self._lock:
             verified = self._pending.get(block_hash)
         if verified is None or verified.block.header.height != height:
             raise NotFoundError(f"no proposed block {block_hash} at height {height} is pending here; propose it first")
-        store(self.ledger, with_cosignatures(verified, cosignatures))
+        store(self.ledger, with_cosignatures(verified, cosignatures, self.ledger.validators))
         with self._lock:
             # Drop this block and any other proposal for the same height: only one can ever extend the chain.
             self._pending = {h: b for h, b in self._pending.items() if b.block.header.height > height}
@@ -132,14 +147,19 @@ class SuperNodeCore:
             yield BlockData.of(verified)
 
 
-def with_cosignatures(verified: VerifiedBlock, cosignatures: Sequence[Cosignature]) -> VerifiedBlock:
+def with_cosignatures(verified: VerifiedBlock, cosignatures: Sequence[Cosignature],
+                      validators: Collection[str]) -> VerifiedBlock:
     """The block with the co-signatures that finalise it: each valid, each signer once (``VerifiedBlock.cosigned``),
-    and the proposer's among them, since only the proposer declares a block final (BadRequestError otherwise)."""
+    the proposer's among them, since only the proposer declares a block final, and every signer a validator of
+    ``validators`` (the set in force before the block), more than half of them (``VerifiedBlock.check_final``).
+    BadRequestError otherwise."""
     if not cosignatures:
         raise BadRequestError("commit needs valid co-signatures; none given")
     if verified.block.header.proposer_key not in {c.signer_key for c in cosignatures}:
         raise BadRequestError("commit lacks the proposer's co-signature; only the proposer finalises a block")
     try:
-        return verified.cosigned(cosignatures)
+        final = verified.cosigned(cosignatures)
+        final.check_final(validators)
     except VerificationError as exc:
         raise BadRequestError(f"commit refused: {exc}") from exc
+    return final

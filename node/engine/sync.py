@@ -1,4 +1,5 @@
-"""Receiving blocks from another super node: verify once, store durably, and catch up with a peer's chain."""
+"""Receiving blocks from another super node: verify once, store durably (only blocks final under this node's
+validator set), and catch up with a peer's chain."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +13,13 @@ from storage.store import NotExtendingHead, StoreError
 log = logging.getLogger(__name__)
 
 
-def verify(ledger: Ledger, data: BlockData) -> VerifiedBlock:
-    """Verify a received block against the ledger's head and the chain's authority (PreconditionError when it
-    does not extend the head, BadRequestError when anything in it is wrong)."""
+def verify(ledger: Ledger, data: BlockData, final: bool = False) -> VerifiedBlock:
+    """Verify a received block against the ledger's head, the chain's authority and its validator set, and with
+    ``final`` (a block received whole, with its co-signatures) that it is final under that set
+    (PreconditionError when it does not extend the head, BadRequestError when anything in it is wrong)."""
     try:
-        return ledger.verify(data.block, list(data.records), data.weights_blob, list(data.cosignatures))
+        return ledger.verify(data.block, list(data.records), data.weights_blob, list(data.cosignatures),
+                             final=final)
     except NotExtendingHead as exc:
         raise PreconditionError(str(exc)) from exc
     except VerificationError as exc:
@@ -25,11 +28,14 @@ def verify(ledger: Ledger, data: BlockData) -> VerifiedBlock:
 
 def store(ledger: Ledger, verified: VerifiedBlock, client_state: dict[str, bytes] | None = None) -> None:
     """Add a verified block and wait until it is durable (PreconditionError when the head moved meanwhile,
-    UnavailableError when the store refused the write)."""
+    BadRequestError when it is not final under the validator set in force, UnavailableError when the store
+    refused the write)."""
     try:
         durable = ledger.accept(verified, client_state)
     except NotExtendingHead as exc:
         raise PreconditionError(str(exc)) from exc
+    except VerificationError as exc:
+        raise BadRequestError(f"block refused: {exc}") from exc
     try:
         durable.result()
     except StoreError as exc:
@@ -37,7 +43,8 @@ def store(ledger: Ledger, verified: VerifiedBlock, client_state: dict[str, bytes
 
 
 def sync_from(ledger: Ledger, peer: Peer) -> int:
-    """Fetch, verify and store every block the peer has beyond our head; return how many were added.
+    """Fetch, verify and store every block the peer has beyond our head, each final under the validator set in
+    force before it; return how many were added.
 
     Raises the peer's NetError (or OSError) when it fails, BadRequestError when it sends a bad chain.
     """
@@ -48,7 +55,7 @@ def sync_from(ledger: Ledger, peer: Peer) -> int:
         return 0
     added = 0
     for data in peer.blocks(start, remote.height):
-        store(ledger, verify(ledger, data))
+        store(ledger, verify(ledger, data, final=True))
         added += 1
     log.info("synced %d block(s) from %s; head now %d", added, peer.node_id,
              ledger.head.height if ledger.head else -1)

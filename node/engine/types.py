@@ -22,6 +22,8 @@ class EdgeRef:
     node_id: str
     address: str                  # host:port; "" for an in-process edge node
     share: int | None = None      # its data-share index (client index); None when it did not say
+    samples: int | None = None    # training samples it declared when admitted, the most an update of it may
+                                  # claim; None: not declared (an in-process edge the caller vouches for)
 
 
 def share_order(edge: EdgeRef) -> tuple[bool, int, str]:
@@ -102,6 +104,15 @@ class Partial:
     failures: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)   # sample-weighted train_loss / train_accuracy
     timings: dict[str, float] = field(default_factory=dict)   # seconds, see partial.edge_timings
+
+
+@dataclass(frozen=True)
+class MembershipResult:
+    """A membership block that changed the validator set (Coordinator.change_validators)."""
+
+    height: int
+    hash: str
+    validators: tuple[str, ...]   # node ids of the validator set after it, sorted
 
 
 @dataclass(frozen=True)

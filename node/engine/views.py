@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from chain.block import SignedBlock, SignedRecord
 from chain.verify import VerifyReport
-from node.engine.types import ChainHead, Progress
+from node.engine.types import ChainHead, MembershipResult, Progress
 
 if TYPE_CHECKING:   # the console reads these views without loading the round engine (and torch)
     from node.engine.jobs import TrainJob
@@ -42,6 +42,7 @@ class NodeStatus:
     training: bool
     paused: bool
     round: int                   # the round being trained, else the head block's round
+    validators: tuple[str, ...] = ()   # node ids of the validator set at the head, sorted
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,16 @@ class AdminBackend(Protocol):
     def block(self, height: int) -> BlockView: ...
 
     def verify_chain(self) -> VerifyReport: ...
+
+    def tokens(self) -> dict[str, str]:
+        """The entry's current join tokens by role ("supernode", "edge"); secure mode only."""
+        ...
+
+    def rotate_token(self, role: str) -> dict[str, str]:
+        """Revoke ``role``'s join token and issue a new one; the current tokens."""
+        ...
+
+    def remove_supernode(self, node_id: str) -> MembershipResult:
+        """Propose a membership block removing validator ``node_id`` (the entry only; NoMajorityError when too few
+        validators co-sign it, NotFoundError when it is not a validator, PreconditionError for the entry itself)."""
+        ...

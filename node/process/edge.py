@@ -10,7 +10,9 @@ from node.engine.errors import NetError, NotFoundError, UnavailableError
 from node.engine.views import MemberView
 from node.rpc import transport
 from node.rpc.clients import RegistryClient
+from node.rpc.security import Authorizer
 from node.rpc.services import add_edge_service
+from node.security.pki import TlsCredentials
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +23,19 @@ class EdgeNode:
     """An edge node: serves EdgeNode, joins the super node the entry assigns and keeps heartbeating."""
 
     def __init__(self, core: EdgeCore, listen: str, entry: str, advertise_host: str = "127.0.0.1",
-                 advertise_port: int | None = None, heartbeat_interval: float = 2.0):
+                 advertise_port: int | None = None, heartbeat_interval: float = 2.0,
+                 security: TlsCredentials | None = None):
         self.core = core
+        self.security = security   # secure mode: this edge node's certificate
         self.key = core.key
         self.entry = entry
         self.heartbeat_interval = heartbeat_interval
-        self.server, self.port = transport.create_server(listen, services=[SERVICE])
+        self.server, self.port = transport.create_server(listen, services=[SERVICE], security=security)
         self.address = f"{advertise_host}:{advertise_port or self.port}"
         self.info = MemberView(self.key.node_id, self.key.public_hex, self.address, "edge", True,
                                samples=core.samples, share=core.share)
-        add_edge_service(self.server, core, self.info)
-        self.registry = RegistryClient(entry)
+        add_edge_service(self.server, core, self.info, authorize=Authorizer() if security is not None else None)
+        self.registry = RegistryClient(entry, security=security)
         self.supernode: str | None = None   # address of the super node this edge node is registered with
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._membership_loop, name="en-heartbeat", daemon=True)

@@ -13,21 +13,26 @@ import grpc
 import numpy as np
 
 from chain.block import Cosignature
+from chain.keys import NodeKey
 from fl.participant import EvalRes, FitIns, FitRes, Participant
 from node.engine.errors import (
     BadRequestError,
+    ForbiddenError,
     NetError,
     NoCapacityError,
     NotFoundError,
     PreconditionError,
     TakenIdError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from node.engine.membership import Membership
-from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeRef, Partial, Progress
+from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeRef, MembershipResult, Partial, Progress
 from node.engine.views import BlockView, EvalReport, MemberView, NodeStatus
 from node.rpc import serde, transport
-from node.rpc.options import DEADLINES, Deadlines
+from node.rpc.options import DEADLINES, TRANSFER_SLACK_BYTES, Deadlines
+from node.security.pki import TlsCredentials, new_tls_key
+from node.security.tokens import JoinToken, accept_reply, make_request
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import CommitRequest as CommitRequestMsg
 from proto.fledger_pb2 import Empty as EmptyMsg
@@ -36,6 +41,8 @@ from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
 from proto.fledger_pb2 import Height as HeightMsg
 from proto.fledger_pb2 import HeightRange as HeightRangeMsg
 from proto.fledger_pb2 import ListRequest as ListRequestMsg
+from proto.fledger_pb2 import RemoveRequest as RemoveRequestMsg
+from proto.fledger_pb2 import RotateRequest as RotateRequestMsg
 from proto.fledger_pb2 import SaveRequest as SaveRequestMsg
 from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
 from proto.fledger_pb2 import TrainRequest as TrainRequestMsg
@@ -50,6 +57,8 @@ ERROR_FOR: dict[grpc.StatusCode, type[NetError]] = {
     grpc.StatusCode.ALREADY_EXISTS: TakenIdError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: NoCapacityError,
     grpc.StatusCode.FAILED_PRECONDITION: PreconditionError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: ForbiddenError,
 }
 
 
@@ -63,20 +72,35 @@ def as_net_error(exc: grpc.RpcError, who: str) -> NetError:
     return error
 
 
-def call(address: str, stub_type: Callable[[grpc.Channel], S], fn: Callable[[S], T], who: str) -> T:
-    """``fn(stub)`` on a fresh channel to ``address``; a failed call raises the engine error its status code stands
-    for, naming ``who``."""
+def call(address: str, stub_type: Callable[[grpc.Channel], S], fn: Callable[[S], T], who: str,
+         security: TlsCredentials | None = None) -> T:
+    """``fn(stub)`` on a fresh channel to ``address`` (mutual TLS with ``security``); a failed call raises the
+    engine error its status code stands for, naming ``who``."""
     try:
-        with transport.open_channel(address) as channel:
+        with transport.open_channel(address, security) as channel:
             return fn(stub_type(channel))
     except grpc.RpcError as exc:
         raise as_net_error(exc, who) from exc
 
 
-def is_edge_node(address: str, timeout: float) -> bool:
+def join_network(join_address: str, token: JoinToken, key: NodeKey, hosts: Sequence[str],
+                 deadlines: Deadlines = DEADLINES) -> TlsCredentials:
+    """Join a secure network with ``token`` at the entry's join port: a fresh TLS key, and a certificate for it
+    naming this node's ledger key, issued by the CA the token pins. Raises NetError when the entry refuses or
+    cannot be reached, PkiError when its answer does not prove it holds the token and the pinned CA."""
+    tls_key, tls_public = new_tls_key()
+    request = make_request(token, key, tls_public, hosts)
+    reply = call(join_address, fledger_pb2_grpc.EnrollmentStub,
+                 lambda stub: stub.Join(serde.join_request_to_msg(request), timeout=deadlines.register),
+                 f"the entry's join port {join_address}")
+    accept_reply(token, request, bytes(reply.ca_certificate), bytes(reply.certificate), bytes(reply.mac))
+    return TlsCredentials(tls_key, bytes(reply.certificate), bytes(reply.ca_certificate))
+
+
+def is_edge_node(address: str, timeout: float, security: TlsCredentials | None = None) -> bool:
     """The address serves the EdgeNode service."""
     try:
-        with transport.open_channel(address) as channel:
+        with transport.open_channel(address, security) as channel:
             fledger_pb2_grpc.EdgeNodeStub(channel).Info(EmptyMsg(), timeout=timeout)
     except grpc.RpcError:
         return False
@@ -91,9 +115,11 @@ class GrpcParticipant:
     """One edge node through gRPC. It sends the round's base (encoded once per round, shared by every edge) and
     checks the returned update against the hash its record signs; FitRes.receipt is that checked record."""
 
-    def __init__(self, participant_id: str, address: str, base: Base, deadlines: Deadlines = DEADLINES):
+    def __init__(self, participant_id: str, address: str, base: Base, deadlines: Deadlines = DEADLINES,
+                 security: TlsCredentials | None = None):
         self.participant_id = participant_id   # the edge's node id; its records must be signed by that id
         self.address = address
+        self.security = security
         self.base = base
         self.deadlines = deadlines
         self._lock = threading.Lock()
@@ -104,7 +130,7 @@ class GrpcParticipant:
     def stub(self) -> fledger_pb2_grpc.EdgeNodeStub:
         with self._lock:
             if self._channel is None:
-                self._channel = transport.open_channel(self.address)
+                self._channel = transport.open_channel(self.address, self.security)
             return fledger_pb2_grpc.EdgeNodeStub(self._channel)
 
     def close(self) -> None:
@@ -133,8 +159,10 @@ class GrpcParticipant:
             summary = first.summary
             record = serde.record_from_msg(summary.record)
             metrics = serde.metrics_from_msg(summary.metrics)
-            got, update_hash = transport.receive_weights(r.weights for r in replies
-                                                         if r.WhichOneof("part") == "weights")
+            # An update is never bigger than the model it was trained from.
+            got, update_hash = transport.receive_weights((r.weights for r in replies
+                                                          if r.WhichOneof("part") == "weights"),
+                                                         len(base.blob) + TRANSFER_SLACK_BYTES)
         except grpc.RpcError as exc:
             raise RemoteError(f"{self.participant_id} at {self.address}: {transport.rpc_error_text(exc)}") from exc
         except BadRequestError as exc:
@@ -162,14 +190,15 @@ class RemoteEdges:
 
     concurrency = 0   # all at once: each trains in its own process
 
-    def __init__(self, table: Membership):
+    def __init__(self, table: Membership, security: TlsCredentials | None = None):
         self.table = table
+        self.security = security
 
     def edges(self) -> list[EdgeRef]:
-        return [EdgeRef(m.node_id, m.address, m.share) for m in self.table.members()]
+        return [EdgeRef(m.node_id, m.address, m.share, m.samples) for m in self.table.members()]
 
     def connect(self, edge: EdgeRef, base: Base) -> Participant:
-        return GrpcParticipant(edge.node_id, edge.address, base)
+        return GrpcParticipant(edge.node_id, edge.address, base, security=self.security)
 
     def release(self, participant: Participant) -> None:
         if isinstance(participant, GrpcParticipant):
@@ -179,21 +208,23 @@ class RemoteEdges:
 class AnyEdges(RemoteEdges):
     """Any edge node of the network by its address (the proposer's personalised evaluation)."""
 
-    def __init__(self) -> None:
-        super().__init__(Membership(kind="edge node"))
+    def __init__(self, security: TlsCredentials | None = None) -> None:
+        super().__init__(Membership(kind="edge node"), security)
 
 
 class GrpcPeer:
     """Another super node through its SuperNode service: the engine's Peer."""
 
-    def __init__(self, node_id: str, address: str, deadlines: Deadlines = DEADLINES):
+    def __init__(self, node_id: str, address: str, deadlines: Deadlines = DEADLINES,
+                 security: TlsCredentials | None = None):
         self.node_id = node_id
         self.address = address
         self.deadlines = deadlines
+        self.security = security
 
     def _call(self, fn: Callable[[fledger_pb2_grpc.SuperNodeStub], T]) -> T:
         return call(self.address, fledger_pb2_grpc.SuperNodeStub, fn,
-                    f"super node {self.node_id[:12]} at {self.address}")
+                    f"super node {self.node_id[:12]} at {self.address}", self.security)
 
     def edges(self) -> list[EdgeRef]:
         listed = self._call(lambda stub: stub.ListEdges(ListRequestMsg(), timeout=self.deadlines.query))
@@ -207,8 +238,9 @@ class GrpcPeer:
 
     def train(self, announcement: Announcement, base: Base) -> Partial:
         msg = serde.announcement_to_msg(announcement)
+        max_bytes = len(base.blob) + TRANSFER_SLACK_BYTES   # a partial aggregate is never bigger than its base
         return self._call(lambda stub: serde.read_partial(
-            stub.AnnounceRound(msg, timeout=self.deadlines.round)))
+            stub.AnnounceRound(msg, timeout=self.deadlines.round), max_bytes))
 
     def cosign(self, data: BlockData) -> Cosignature:
         reply = self._call(lambda stub: stub.ProposeBlock(serde.block_parts(data), timeout=self.deadlines.block))
@@ -225,7 +257,7 @@ class GrpcPeer:
 
     def blocks(self, start: int, end: int) -> Iterator[BlockData]:
         try:
-            with transport.open_channel(self.address) as channel:
+            with transport.open_channel(self.address, self.security) as channel:
                 stream = fledger_pb2_grpc.SuperNodeStub(channel).GetBlocks(
                     HeightRangeMsg(from_height=start, to_height=end), timeout=self.deadlines.sync)
                 yield from serde.read_blocks(stream)
@@ -236,12 +268,13 @@ class GrpcPeer:
 class RegistryClient:
     """A node's calls to the entry's Registry and to its own super node's membership table."""
 
-    def __init__(self, entry: str, deadlines: Deadlines = DEADLINES):
+    def __init__(self, entry: str, deadlines: Deadlines = DEADLINES, security: TlsCredentials | None = None):
         self.entry = entry
         self.deadlines = deadlines
+        self.security = security
 
     def _registry(self, fn: Callable[[fledger_pb2_grpc.RegistryStub], T]) -> T:
-        return call(self.entry, fledger_pb2_grpc.RegistryStub, fn, f"entry {self.entry}")
+        return call(self.entry, fledger_pb2_grpc.RegistryStub, fn, f"entry {self.entry}", self.security)
 
     def register_supernode(self, info: MemberView) -> None:
         msg = serde.view_to_msg(info).info
@@ -265,23 +298,25 @@ class RegistryClient:
         """Register an edge node with a super node; returns the heartbeat interval it asks for (0: keep yours)."""
         msg = serde.view_to_msg(info).info
         reply = call(supernode, fledger_pb2_grpc.SuperNodeStub,
-                     lambda stub: stub.RegisterEdge(msg, timeout=self.deadlines.register), f"super node at {supernode}")
+                     lambda stub: stub.RegisterEdge(msg, timeout=self.deadlines.register), f"super node at {supernode}",
+                     self.security)
         return float(reply.heartbeat_interval_s)
 
     def edge_heartbeat(self, supernode: str, node_id: str) -> None:
         call(supernode, fledger_pb2_grpc.SuperNodeStub,
              lambda stub: stub.EdgeHeartbeat(HeartbeatRequestMsg(node_id=node_id), timeout=self.deadlines.heartbeat),
-             f"super node at {supernode}")
+             f"super node at {supernode}", self.security)
 
 
 class AdminClient:
     """The console's and the cluster command's view of one super node's Admin service. A failed call raises the
     engine error its status code stands for, its message "CODE: details" (UnavailableError when unreachable)."""
 
-    def __init__(self, address: str, deadlines: Deadlines = DEADLINES):
+    def __init__(self, address: str, deadlines: Deadlines = DEADLINES, security: TlsCredentials | None = None):
         self.address = address
         self.deadlines = deadlines
-        self._channel = transport.open_channel(address)
+        self.security = security
+        self._channel = transport.open_channel(address, security)
         self._stub = fledger_pb2_grpc.AdminStub(self._channel)
 
     def close(self) -> None:
@@ -339,10 +374,27 @@ class AdminClient:
             raise BadRequestError(f"{self.address} sent block {height} under another hash")
         return BlockView(block, [serde.record_from_msg(r) for r in reply.records])
 
+    def tokens(self) -> dict[str, str]:
+        """The entry's current join tokens by role ("supernode", "edge")."""
+        reply = self._call(lambda: self._stub.Tokens(EmptyMsg(), timeout=self.deadlines.query))
+        return {"supernode": reply.supernode, "edge": reply.edge}
+
+    def rotate_token(self, role: str) -> dict[str, str]:
+        """Revoke ``role``'s join token and issue a new one; the current tokens by role."""
+        reply = self._call(lambda: self._stub.RotateToken(RotateRequestMsg(role=role), timeout=self.deadlines.query))
+        return {"supernode": reply.supernode, "edge": reply.edge}
+
     def verify(self) -> tuple[bool, int, str]:
         """(the chain verifies, blocks, message) as the node reports them."""
         reply = self._call(lambda: self._stub.Verify(EmptyMsg(), timeout=self.deadlines.train))
         return reply.ok, reply.blocks, reply.message
+
+    def remove_supernode(self, node_id: str) -> MembershipResult:
+        """Remove validator ``node_id`` by a membership block (the entry waits for a running round to end first);
+        the block's height and hash and the validators after it."""
+        reply = self._call(lambda: self._stub.RemoveSuperNode(RemoveRequestMsg(node_id=node_id),
+                                                              timeout=self.deadlines.round))
+        return MembershipResult(reply.height, reply.hash, tuple(reply.validators))
 
     def model(self, height: int) -> tuple[dict[str, np.ndarray], str]:
         """The model at ``height`` from the SuperNode service, decoded and checked against its announced hash."""
@@ -384,6 +436,11 @@ class RoundLine:
                 (f"  ({self.message})" if self.message else ""))
 
 
-def probe_health(address: str, timeout: float = 3.0) -> bool:
+def probe_health(address: str, timeout: float = 3.0, security: TlsCredentials | None = None) -> bool:
     """The standard gRPC health service of a node says SERVING."""
-    return transport.probe_health(address, timeout)
+    return transport.probe_health(address, timeout, security)
+
+
+def speaks_tls(address: str, timeout: float = 3.0) -> bool:
+    """The node at ``address`` runs in secure mode (answers TLS, not plaintext)."""
+    return transport.speaks_tls(address, timeout)

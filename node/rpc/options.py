@@ -13,8 +13,35 @@ CHUNK_SIZE = 1 * 1024 * 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # Largest reassembled weight blob a receiver will buffer (the first chunk's total_size is checked against it
-# before anything is stored), so a lying peer cannot make us allocate unbounded memory.
-MAX_MODEL_BYTES = 4 * 1024 * 1024 * 1024
+# before anything is stored), so a lying peer cannot make us allocate unbounded memory. This is the fallback for a
+# receiver that does not know the model yet (a syncing node); one that does caps a transfer at the model's own
+# encoded size plus TRANSFER_SLACK_BYTES.
+MAX_MODEL_BYTES = 1024 * 1024 * 1024
+# Room over a known model's encoded size: its blob header grows with the digits of its shapes and offsets.
+TRANSFER_SLACK_BYTES = 64 * 1024
+
+# ---- bounds on what a peer may ask or claim (checked by serde as a message is converted)
+MAX_LOCAL_EPOCHS = 100          # epochs in one Fit: a round's work must end within its deadline
+MAX_BATCH_SIZE = 65536
+MAX_LR = 10.0                   # learning rate in (0, MAX_LR]; momentum in [0, 1)
+MAX_PARTICIPANTS = 100_000      # edge nodes named by one announcement, records in one partial or block
+MAX_COSIGNATURES = 1024         # co-signatures sent with one block
+MAX_METRICS = 64                # entries of one metrics or timings map
+MAX_METRIC_NAME_CHARS = 64
+MAX_REASON_CHARS = 500          # a failure reason is cut to this length
+
+# ---- what one server gives its callers
+# A client stream that sends no message for this long is cancelled (DEADLINE_EXCEEDED), freeing its worker: a
+# peer that opens streams and goes silent must not hold the server's threads.
+STREAM_IDLE_S = 30.0
+# Calls in flight from one peer (its TLS identity, else its IP address); more are RESOURCE_EXHAUSTED. Eight is
+# well above what one honest node has open at a time on one server (a heartbeat, a round, a block, a sync).
+MAX_CALLS_PER_PEER = 8
+# Server threads, and the calls a server admits at once (create_server's max_workers and
+# maximum_concurrent_rpcs). Calls past MAX_WORKERS wait for a thread; past MAX_CONCURRENT_RPCS gRPC refuses them
+# at once with RESOURCE_EXHAUSTED rather than queueing without end.
+MAX_WORKERS = 32
+MAX_CONCURRENT_RPCS = 64
 
 _COMMON = [
     # Raise the 4 MiB receive default deliberately (see MAX_MESSAGE_BYTES).

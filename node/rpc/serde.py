@@ -5,14 +5,27 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 
-from chain.block import Cosignature, MalformedError, SignedBlock, SignedRecord
-from chain.encoding import EncodingError
+from chain.block import Cosignature, SignedBlock, SignedRecord
+from chain.encoding import is_hex_digest
+from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN
 from fl.participant import EvalRes, FitIns
-from node.engine.errors import BadRequestError
-from node.engine.membership import Member
+from node.engine.errors import BadRequestError, clip
+from node.engine.membership import MAX_ADDRESS_CHARS, MAX_SAMPLES, Member, check_address, check_node_id
 from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Partial, Plan, Progress, RoundReport
 from node.engine.views import EdgeEval, EvalReport, MemberView, NodeStatus
+from node.rpc.options import (
+    MAX_BATCH_SIZE,
+    MAX_COSIGNATURES,
+    MAX_LOCAL_EPOCHS,
+    MAX_LR,
+    MAX_METRIC_NAME_CHARS,
+    MAX_METRICS,
+    MAX_MODEL_BYTES,
+    MAX_PARTICIPANTS,
+    MAX_REASON_CHARS,
+)
 from node.rpc.transport import WeightsAssembler, blob_chunks, send_weights
+from node.security.tokens import JoinRequest
 from proto.fledger_pb2 import BlockPart as BlockPartMsg
 from proto.fledger_pb2 import Cosignature as CosignatureMsg
 from proto.fledger_pb2 import EdgeEval as EdgeEvalMsg
@@ -20,6 +33,7 @@ from proto.fledger_pb2 import EvalReply as EvalReplyMsg
 from proto.fledger_pb2 import Failure as FailureMsg
 from proto.fledger_pb2 import FitIns as FitInsMsg
 from proto.fledger_pb2 import Head as HeadMsg
+from proto.fledger_pb2 import JoinRequest as JoinRequestMsg
 from proto.fledger_pb2 import MemberEntry as MemberEntryMsg
 from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
 from proto.fledger_pb2 import PartialHeader as PartialHeaderMsg
@@ -30,6 +44,22 @@ from proto.fledger_pb2 import SignedBlock as SignedBlockMsg
 from proto.fledger_pb2 import SignedRecord as SignedRecordMsg
 from proto.fledger_pb2 import StatusReply as StatusReplyMsg
 from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
+
+# Every decoder below raises BadRequestError, with a short message, and nothing else on bad input: wire bytes that
+# do not parse (ValueError covers the chain's EncodingError and MalformedError) or values out of their bounds.
+
+
+def _check_samples(samples: int, what: str) -> int:
+    if not 0 <= samples <= MAX_SAMPLES:
+        raise BadRequestError(f"{what}: {samples} samples is out of range (0..2^40)")
+    return int(samples)
+
+
+def _check_hash(value: str, what: str) -> str:
+    if not is_hex_digest(value):
+        raise BadRequestError(f"{what} must be 64 lowercase hex digits, got {clip(value, 70)!r}")
+    return value
+
 
 # ---------------------------------------------------------------- records, blocks, co-signatures
 
@@ -43,8 +73,20 @@ def record_from_msg(msg: SignedRecordMsg) -> SignedRecord:
     record = SignedRecord(bytes(msg.record_bytes), bytes(msg.signature))
     try:
         record.check()
-    except (MalformedError, EncodingError) as exc:
-        raise BadRequestError(f"bad update record: {exc}") from exc
+    except ValueError as exc:
+        raise BadRequestError(f"bad update record: {clip(exc)}") from exc
+    _check_samples(record.record.samples, f"update record of {record.record.trainer_id}")
+    return record
+
+
+def _unchecked_record(msg: SignedRecordMsg) -> SignedRecord:
+    """A record parsed and bounded but whose signature is left to the ledger's verification of its block."""
+    record = SignedRecord(bytes(msg.record_bytes), bytes(msg.signature))
+    try:
+        samples = record.record.samples
+    except ValueError as exc:
+        raise BadRequestError(f"bad update record: {clip(exc)}") from exc
+    _check_samples(samples, f"update record of {record.record.trainer_id}")
     return record
 
 
@@ -57,8 +99,8 @@ def block_from_msg(msg: SignedBlockMsg) -> SignedBlock:
     block = SignedBlock(bytes(msg.header_bytes), bytes(msg.signature))
     try:
         block.check()
-    except (MalformedError, EncodingError) as exc:
-        raise BadRequestError(f"bad block: {exc}") from exc
+    except ValueError as exc:
+        raise BadRequestError(f"bad block: {clip(exc)}") from exc
     return block
 
 
@@ -67,7 +109,9 @@ def cosig_to_msg(cosig: Cosignature) -> CosignatureMsg:
 
 
 def cosig_from_msg(msg: CosignatureMsg) -> Cosignature:
-    """Structural conversion only; validity depends on the block, see ``Cosignature.valid_for``."""
+    """The signer's key checked for form only; validity depends on the block, see ``Cosignature.valid_for``."""
+    if not is_hex_digest(msg.signer_key, PUBLIC_KEY_HEX_LEN) or len(msg.signature) > 128:
+        raise BadRequestError(f"a co-signature needs a {PUBLIC_KEY_HEX_LEN}-hex-digit signer key and a signature")
     return Cosignature(msg.signer_key, bytes(msg.signature))
 
 
@@ -82,9 +126,11 @@ def block_parts(data: BlockData) -> Iterator[BlockPartMsg]:
         yield BlockPartMsg(weights=chunk)
 
 
-def read_blocks(parts: Iterable[BlockPartMsg]) -> Iterator[BlockData]:
-    """Group a stream of parts into blocks, checking only their structure and the blob's size: the receiving ledger
-    verifies each block once, whole (``Ledger.verify``: signatures, link, records, Merkle root, model)."""
+def read_blocks(parts: Iterable[BlockPartMsg], max_bytes: int = MAX_MODEL_BYTES) -> Iterator[BlockData]:
+    """Group a stream of parts into blocks, checking only their structure, their records' sample counts and the
+    blob's size (at most ``max_bytes``: a receiver that knows the model passes its size plus TRANSFER_SLACK_BYTES):
+    the receiving ledger verifies each block once, whole (``Ledger.verify``: signatures, link, records, Merkle
+    root, model)."""
     current: tuple[SignedBlock, list[SignedRecord], list[Cosignature], WeightsAssembler] | None = None
     for part in parts:
         kind = part.WhichOneof("part")
@@ -92,12 +138,16 @@ def read_blocks(parts: Iterable[BlockPartMsg]) -> Iterator[BlockData]:
             if current is not None:
                 yield _finish(*current)
             current = (SignedBlock(bytes(part.block.header_bytes), bytes(part.block.signature)), [], [],
-                       WeightsAssembler())
+                       WeightsAssembler(max_bytes))
         elif current is None:
             raise BadRequestError("a block stream must start with a block message")
         elif kind == "record":
-            current[1].append(SignedRecord(bytes(part.record.record_bytes), bytes(part.record.signature)))
+            if len(current[1]) >= MAX_PARTICIPANTS:
+                raise BadRequestError(f"a block carries at most {MAX_PARTICIPANTS} update records")
+            current[1].append(_unchecked_record(part.record))
         elif kind == "cosignature":
+            if len(current[2]) >= MAX_COSIGNATURES:
+                raise BadRequestError(f"a block carries at most {MAX_COSIGNATURES} co-signatures")
             current[2].append(cosig_from_msg(part.cosignature))
         elif kind == "weights":
             current[3].add(part.weights)
@@ -111,8 +161,8 @@ def _finish(block: SignedBlock, records: list[SignedRecord], cosigs: list[Cosign
             assembler: WeightsAssembler) -> BlockData:
     try:
         header = block.header
-    except (MalformedError, EncodingError) as exc:
-        raise BadRequestError(f"bad block: {exc}") from exc
+    except ValueError as exc:
+        raise BadRequestError(f"bad block: {clip(exc)}") from exc
     if assembler.expected_hash != header.model_hash:
         raise BadRequestError(f"block {header.height}: the weights sent are not the block's model")
     return BlockData(block, tuple(records), assembler.finish_blob(), tuple(cosigs))
@@ -125,7 +175,9 @@ def head_to_msg(head: ChainHead | None) -> HeadMsg:
 
 
 def head_from_msg(msg: HeadMsg) -> ChainHead | None:
-    return None if msg.empty else ChainHead(msg.height, msg.hash, msg.model_hash)
+    if msg.empty:
+        return None
+    return ChainHead(msg.height, _check_hash(msg.hash, "a head's hash"), _check_hash(msg.model_hash, "its model hash"))
 
 
 # ---------------------------------------------------------------- training
@@ -137,10 +189,12 @@ def fit_ins_to_msg(ins: FitIns) -> FitInsMsg:
 
 
 def _check_training(epochs: int, batch_size: int, lr: float, momentum: float) -> None:
-    if epochs < 1 or batch_size < 1:
-        raise BadRequestError(f"training instructions need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
-    if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(momentum) and momentum >= 0):
-        raise BadRequestError(f"training instructions need lr > 0 and momentum >= 0, got {lr}, {momentum}")
+    if not 1 <= epochs <= MAX_LOCAL_EPOCHS or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise BadRequestError(f"training instructions need epochs in 1..{MAX_LOCAL_EPOCHS} and batch_size in "
+                              f"1..{MAX_BATCH_SIZE}, got {epochs}, {batch_size}")
+    if not (math.isfinite(lr) and 0 < lr <= MAX_LR) or not (math.isfinite(momentum) and 0 <= momentum < 1):
+        raise BadRequestError(f"training instructions need lr in (0, {MAX_LR:g}] and momentum in [0, 1), "
+                              f"got {lr}, {momentum}")
 
 
 def fit_ins_from_msg(msg: FitInsMsg) -> FitIns:
@@ -163,8 +217,14 @@ def announcement_from_msg(msg: RoundAnnouncementMsg) -> Announcement:
     """An announcement with a known algorithm, sane training values and each participant once."""
     plan = msg.plan
     if plan.algorithm not in ("fedavg", "fedper"):
-        raise BadRequestError(f"unknown algorithm {plan.algorithm!r} in the round plan")
+        raise BadRequestError(f"unknown algorithm {clip(plan.algorithm, 40)!r} in the round plan")
     _check_training(plan.local_epochs, plan.batch_size, plan.lr, plan.momentum)
+    check_node_id(msg.proposer_id, "the proposer's id")
+    _check_hash(msg.base_model_hash, "the base model hash")
+    if len(msg.participants) > MAX_PARTICIPANTS:
+        raise BadRequestError(f"an announcement names at most {MAX_PARTICIPANTS} edge nodes")
+    for node_id in msg.participants:
+        check_node_id(node_id, "a participant's id")
     if len(set(msg.participants)) != len(msg.participants):
         raise BadRequestError("the announcement lists an edge node twice")
     return Announcement(msg.round, msg.base_height, msg.base_model_hash, msg.proposer_id, tuple(msg.participants),
@@ -177,10 +237,15 @@ def metrics_to_msg(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 def metrics_from_msg(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Named finite numbers: at most MAX_METRICS of them, names of at most MAX_METRIC_NAME_CHARS characters."""
+    if len(metrics) > MAX_METRICS:
+        raise BadRequestError(f"at most {MAX_METRICS} metrics may be sent, got {len(metrics)}")
     out = {str(k): float(v) for k, v in metrics.items()}
+    if any(len(k) > MAX_METRIC_NAME_CHARS for k in out):
+        raise BadRequestError(f"metric names are at most {MAX_METRIC_NAME_CHARS} characters")
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
-        raise BadRequestError(f"metrics {bad} are not finite numbers")
+        raise BadRequestError(f"metrics {clip(bad)} are not finite numbers")
     return out
 
 
@@ -189,14 +254,14 @@ def eval_to_msg(res: EvalRes) -> EvalReplyMsg:
 
 
 def eval_from_msg(msg: EvalReplyMsg) -> EvalRes:
-    return EvalRes(loss=msg.loss, accuracy=msg.accuracy, samples=msg.samples)
+    return EvalRes(loss=msg.loss, accuracy=msg.accuracy, samples=_check_samples(msg.samples, "an evaluation"))
 
 
 def partial_parts(partial: Partial) -> Iterator[PartialPartMsg]:
     """A partial as stream messages: header, records, weight chunks."""
     yield PartialPartMsg(header=PartialHeaderMsg(
         round=partial.round, sn_id=partial.sn_id, samples=partial.samples,
-        failures=[FailureMsg(node_id=n, reason=r) for n, r in partial.failures],
+        failures=[FailureMsg(node_id=n, reason=clip(r, MAX_REASON_CHARS)) for n, r in partial.failures],
         metrics=metrics_to_msg(partial.metrics), timings=metrics_to_msg(partial.timings)))
     for record in partial.records:
         yield PartialPartMsg(record=record_to_msg(record))
@@ -205,18 +270,27 @@ def partial_parts(partial: Partial) -> Iterator[PartialPartMsg]:
             yield PartialPartMsg(weights=chunk)
 
 
-def read_partial(parts: Iterable[PartialPartMsg]) -> Partial:
-    """Reassemble a partial (records signed, weights whole and hashing as announced); the proposer then checks it
-    against its round with ``partial.check_partial``."""
+def read_partial(parts: Iterable[PartialPartMsg], max_bytes: int = MAX_MODEL_BYTES) -> Partial:
+    """Reassemble a partial (records signed, weights whole, at most ``max_bytes``, and hashing as announced); the
+    proposer then checks it against its round with ``partial.check_partial``."""
     stream = iter(parts)
     first = next(stream, None)
     if first is None or first.WhichOneof("part") != "header":
         raise BadRequestError("a partial must start with its header")
     head = first.header
-    records, assembler = [], WeightsAssembler()
+    check_node_id(head.sn_id, "a partial's super node id")
+    _check_samples(head.samples, "a partial")
+    if len(head.failures) > MAX_PARTICIPANTS:
+        raise BadRequestError(f"a partial lists at most {MAX_PARTICIPANTS} failures")
+    for failure in head.failures:
+        check_node_id(failure.node_id, "a failed node's id")
+    records: list[SignedRecord] = []
+    assembler = WeightsAssembler(max_bytes)
     for part in stream:
         kind = part.WhichOneof("part")
         if kind == "record":
+            if len(records) >= MAX_PARTICIPANTS:
+                raise BadRequestError(f"a partial carries at most {MAX_PARTICIPANTS} update records")
             records.append(record_from_msg(part.record))
         elif kind == "weights":
             assembler.add(part.weights)
@@ -224,7 +298,8 @@ def read_partial(parts: Iterable[PartialPartMsg]) -> Partial:
             raise BadRequestError(f"unexpected {kind!r} message inside a partial")
     weights = assembler.finish()[0] if assembler.started else None
     return Partial(head.sn_id, head.round, int(head.samples), weights, records,
-                   [(f.node_id, f.reason) for f in head.failures], metrics_from_msg(head.metrics),
+                   [(f.node_id, clip(f.reason, MAX_REASON_CHARS)) for f in head.failures],
+                   metrics_from_msg(head.metrics),
                    metrics_from_msg(head.timings))
 
 
@@ -246,27 +321,40 @@ def view_to_msg(view: MemberView) -> MemberEntryMsg:
                           silent_s=max(0.0, view.silent_s))
 
 
+def _check_info(info: NodeInfoMsg) -> None:
+    """A member as a peer lists it: fields of bounded size (their form is the listing node's business)."""
+    if (len(info.node_id) > NODE_ID_HEX_LEN or len(info.public_key) > PUBLIC_KEY_HEX_LEN
+            or len(info.address) > MAX_ADDRESS_CHARS):
+        raise BadRequestError("a listed member's id, key or address is over its size limit")
+    _check_samples(info.samples, "a listed member")
+
+
 def view_from_msg(msg: MemberEntryMsg) -> MemberView:
     info = msg.info
+    _check_info(info)
     return MemberView(info.node_id, info.public_key, info.address, msg.role, msg.alive, msg.silent_s,
                       msg.parent_id, msg.load, info.capacity, info.samples,
                       info.partition_index if info.HasField("partition_index") else None)
 
 
 def edge_ref_from_msg(msg: MemberEntryMsg) -> EdgeRef:
+    """An edge node to call: its id and address must be usable as such."""
     info = msg.info
-    return EdgeRef(info.node_id, info.address, info.partition_index if info.HasField("partition_index") else None)
+    check_node_id(info.node_id, "a listed edge node's id")
+    check_address(info.address, f"edge node {info.node_id}")
+    return EdgeRef(info.node_id, info.address, info.partition_index if info.HasField("partition_index") else None,
+                   info.samples)
 
 
 def status_to_msg(status: NodeStatus) -> StatusReplyMsg:
     return StatusReplyMsg(node_id=status.node_id, role=status.role, head=head_to_msg(status.head),
                           edges=status.edges, supernodes=status.supernodes, training=status.training,
-                          paused=status.paused, round=status.round)
+                          paused=status.paused, round=status.round, validators=list(status.validators))
 
 
 def status_from_msg(msg: StatusReplyMsg) -> NodeStatus:
     return NodeStatus(msg.node_id, msg.role, head_from_msg(msg.head), msg.edges, msg.supernodes, msg.training,
-                      msg.paused, msg.round)
+                      msg.paused, msg.round, validators=tuple(msg.validators))
 
 
 def progress_to_msg(progress: Progress) -> TrainProgressMsg:
@@ -292,3 +380,25 @@ def eval_report_from_msg(msg: EvalReplyMsg) -> EvalReport:
     return EvalReport(msg.loss, msg.accuracy, msg.samples,
                       [EdgeEval(e.node_id, e.loss, e.accuracy, e.samples, e.error) for e in msg.edges],
                       msg.edge_accuracy_mean, msg.edge_accuracy_min, msg.edge_accuracy_max)
+
+
+# ---- joining a secure network -------------------------------------------------------------------------------------
+
+MAX_JOIN_HOSTS = 16
+
+
+def join_request_to_msg(request: JoinRequest) -> JoinRequestMsg:
+    return JoinRequestMsg(role=request.role, token_id=request.token_id, public_key=request.public_key,
+                          tls_public_key=request.tls_public_key, hosts=list(request.hosts), nonce=request.nonce,
+                          key_proof=request.key_proof, mac=request.mac)
+
+
+def join_request_from_msg(msg: JoinRequestMsg) -> JoinRequest:
+    """The request as the enroller checks it; sizes bounded here so nothing large reaches the crypto."""
+    if len(msg.hosts) > MAX_JOIN_HOSTS or any(len(h) > 253 for h in msg.hosts):
+        raise BadRequestError(f"a join request names at most {MAX_JOIN_HOSTS} hosts of at most 253 characters")
+    if len(msg.tls_public_key) > 4096 or len(msg.role) > 16 or len(msg.token_id) > 64 \
+            or len(msg.public_key) > 128 or len(msg.nonce) > 64 or len(msg.key_proof) > 128 or len(msg.mac) > 64:
+        raise BadRequestError("a join request field is over its size limit")
+    return JoinRequest(msg.role, msg.token_id, msg.public_key, bytes(msg.tls_public_key), tuple(msg.hosts),
+                       bytes(msg.nonce), bytes(msg.key_proof), bytes(msg.mac))

@@ -2,16 +2,20 @@
 errors become status codes through ``transport.guarded``. No servicer holds state of its own."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from chain.tensors import encode_weights
 from node.engine.edge import EdgeCore
-from node.engine.errors import BadRequestError
+from node.engine.errors import BadRequestError, UnauthenticatedError
 from node.engine.membership import Membership, SuperNodeRegistry
 from node.engine.supernode import SuperNodeCore
 from node.engine.views import AdminBackend, MemberView
 from node.rpc import serde, transport
+from node.rpc.options import MAX_MODEL_BYTES, TRANSFER_SLACK_BYTES
+from node.rpc.security import claim
+from node.security.tokens import Enroller, JoinRefused
 from proto import fledger_pb2_grpc
 from proto.fledger_pb2 import BlockView as BlockViewMsg
 from proto.fledger_pb2 import CommitReply as CommitReplyMsg
@@ -19,10 +23,13 @@ from proto.fledger_pb2 import Empty as EmptyMsg
 from proto.fledger_pb2 import FitReply as FitReplyMsg
 from proto.fledger_pb2 import FitSummary as FitSummaryMsg
 from proto.fledger_pb2 import HeartbeatReply as HeartbeatReplyMsg
+from proto.fledger_pb2 import JoinReply as JoinReplyMsg
 from proto.fledger_pb2 import MemberList as MemberListMsg
+from proto.fledger_pb2 import MembershipReply as MembershipReplyMsg
 from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
 from proto.fledger_pb2 import RegisterReply as RegisterReplyMsg
 from proto.fledger_pb2 import SaveReply as SaveReplyMsg
+from proto.fledger_pb2 import TokensReply as TokensReplyMsg
 from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
 from proto.fledger_pb2 import VerifyReply as VerifyReplyMsg
 from proto.fledger_pb2 import WeightsChunk as WeightsChunkMsg
@@ -47,6 +54,7 @@ class RegistryServicer(fledger_pb2_grpc.RegistryServicer):
 
     @transport.guarded
     def RegisterSuperNode(self, request: NodeInfoMsg, context: Context) -> RegisterReplyMsg:
+        claim(context, request.node_id, request.public_key)
         self.registry.register(request.node_id, request.public_key, request.address, capacity=request.capacity)
         return _register_reply(self.registry)
 
@@ -57,11 +65,13 @@ class RegistryServicer(fledger_pb2_grpc.RegistryServicer):
 
     @transport.guarded
     def AssignSuperNode(self, request: NodeInfoMsg, context: Context) -> Any:
+        claim(context, request.node_id, request.public_key)
         return serde.member_to_msg(self.registry.assign(request.node_id, request.public_key, _share(request)),
                                    role="supernode")
 
     @transport.guarded
     def Heartbeat(self, request: Any, context: Context) -> HeartbeatReplyMsg:
+        claim(context, request.node_id)
         self.registry.heartbeat(request.node_id, load=request.load)
         return HeartbeatReplyMsg()
 
@@ -75,12 +85,14 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
 
     @transport.guarded
     def RegisterEdge(self, request: NodeInfoMsg, context: Context) -> RegisterReplyMsg:
+        claim(context, request.node_id, request.public_key)
         self.edges.register(request.node_id, request.public_key, request.address, samples=request.samples,
                             share=_share(request))
         return _register_reply(self.edges)
 
     @transport.guarded
     def EdgeHeartbeat(self, request: Any, context: Context) -> HeartbeatReplyMsg:
+        claim(context, request.node_id)
         self.edges.heartbeat(request.node_id)
         return HeartbeatReplyMsg()
 
@@ -90,11 +102,14 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
 
     @transport.guarded_stream
     def AnnounceRound(self, request: Any, context: Context) -> Iterator[Any]:
+        claim(context, request.proposer_id)
         yield from serde.partial_parts(self.core.train(serde.announcement_from_msg(request)))
 
     @transport.guarded
     def ProposeBlock(self, request_iterator: Iterator[Any], context: Context) -> Any:
-        blocks = list(serde.read_blocks(request_iterator))
+        head = self.core.head()   # a proposed block's model is the size of the head's, give or take its header
+        limit = len(self.core.base().blob) + TRANSFER_SLACK_BYTES if head is not None else MAX_MODEL_BYTES
+        blocks = list(serde.read_blocks(request_iterator, max_bytes=limit))
         if len(blocks) != 1:
             raise BadRequestError(f"ProposeBlock carries exactly one block, got {len(blocks)}")
         return serde.cosig_to_msg(self.core.cosign(blocks[0]))
@@ -172,6 +187,34 @@ class AdminServicer(fledger_pb2_grpc.AdminServicer):
             return VerifyReplyMsg(ok=False, message=str(exc))
         return VerifyReplyMsg(ok=True, blocks=report.blocks, message=f"head {report.head_height} {report.head_hash}")
 
+    @transport.guarded
+    def RemoveSuperNode(self, request: Any, context: Context) -> MembershipReplyMsg:
+        result = self.backend.remove_supernode(request.node_id)
+        return MembershipReplyMsg(height=result.height, hash=result.hash, validators=list(result.validators))
+
+    @transport.guarded
+    def Tokens(self, request: Any, context: Context) -> TokensReplyMsg:
+        return TokensReplyMsg(**self.backend.tokens())
+
+    @transport.guarded
+    def RotateToken(self, request: Any, context: Context) -> TokensReplyMsg:
+        return TokensReplyMsg(**self.backend.rotate_token(request.role))
+
+
+class EnrollmentServicer(fledger_pb2_grpc.EnrollmentServicer):
+    """The entry's join port: a node with a join token gets a certificate for its own key."""
+
+    def __init__(self, enroller: Enroller):
+        self.enroller = enroller
+
+    @transport.guarded
+    def Join(self, request: Any, context: Context) -> JoinReplyMsg:
+        try:
+            ca, cert, mac = self.enroller.join(serde.join_request_from_msg(request))
+        except JoinRefused as exc:
+            raise UnauthenticatedError(f"join refused: {exc}") from exc
+        return JoinReplyMsg(ca_certificate=ca, certificate=cert, mac=mac)
+
 
 class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
     """An edge node's training and evaluation over its EdgeCore."""
@@ -180,14 +223,23 @@ class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
         self.core = core
         self.info = info
 
+    @property
+    def max_bytes(self) -> int:
+        """No model sent here is bigger than this edge node's own (plus room for the blob's header)."""
+        return self.core.model_bytes + TRANSFER_SLACK_BYTES
+
     @transport.guarded_stream
     def Fit(self, request_iterator: Iterator[Any], context: Context) -> Iterator[FitReplyMsg]:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "ins":
             raise BadRequestError("a Fit stream must start with the FitIns message")
         ins = serde.fit_ins_from_msg(first.ins)
-        weights, base_hash = transport.receive_weights(_weights_only(request_iterator))
-        res, record, update_hash, train_s = self.core.fit(weights, ins, base_hash)
+        weights, base_hash = transport.receive_weights(_weights_only(request_iterator), self.max_bytes)
+        # Training stops (between two batches) once the call ends: the caller cancelled or its deadline passed.
+        cancel = threading.Event()
+        if not context.add_callback(cancel.set):   # the call has already ended
+            cancel.set()
+        res, record, update_hash, train_s = self.core.fit(weights, ins, base_hash, cancel)
         yield FitReplyMsg(summary=FitSummaryMsg(samples=res.samples, metrics=serde.metrics_to_msg(res.metrics),
                                                 record=serde.record_to_msg(record), train_s=train_s))
         for chunk in transport.blob_chunks(encode_weights(res.weights), update_hash):
@@ -195,7 +247,7 @@ class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
 
     @transport.guarded
     def Evaluate(self, request_iterator: Iterator[WeightsChunkMsg], context: Context) -> Any:
-        weights, _ = transport.receive_weights(request_iterator)
+        weights, _ = transport.receive_weights(request_iterator, self.max_bytes)
         return serde.eval_to_msg(self.core.evaluate(weights))
 
     def Info(self, request: Any, context: Context) -> NodeInfoMsg:
@@ -210,14 +262,23 @@ def _weights_only(requests: Iterator[Any]) -> Iterator[WeightsChunkMsg]:
 
 
 def add_supernode_services(server: Any, core: SuperNodeCore, edges: Membership, admin: AdminBackend,
-                           registry: SuperNodeRegistry | None = None) -> None:
-    """Serve a super node: SuperNode and Admin, and Registry when it is the entry."""
-    fledger_pb2_grpc.add_SuperNodeServicer_to_server(SuperNodeServicer(core, edges), server)
-    fledger_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
+                           registry: SuperNodeRegistry | None = None,
+                           authorize: transport.Authorize | None = None) -> None:
+    """Serve a super node: SuperNode and Admin, and Registry when it is the entry (requests parsed, peers limited
+    and ``authorize`` called per call by ``transport.add_service``)."""
+    transport.add_service(server, "fledger.v1.SuperNode", SuperNodeServicer(core, edges), authorize=authorize)
+    transport.add_service(server, "fledger.v1.Admin", AdminServicer(admin), authorize=authorize)
     if registry is not None:
-        fledger_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, core.node_id), server)
+        transport.add_service(server, "fledger.v1.Registry", RegistryServicer(registry, core.node_id),
+                              authorize=authorize)
 
 
-def add_edge_service(server: Any, core: EdgeCore, info: MemberView) -> None:
-    """Serve an edge node's EdgeNode service."""
-    fledger_pb2_grpc.add_EdgeNodeServicer_to_server(EdgeServicer(core, info), server)
+def add_edge_service(server: Any, core: EdgeCore, info: MemberView,
+                     authorize: transport.Authorize | None = None) -> None:
+    """Serve an edge node's EdgeNode service (see ``add_supernode_services``)."""
+    transport.add_service(server, "fledger.v1.EdgeNode", EdgeServicer(core, info), authorize=authorize)
+
+
+def add_enrollment_service(server: Any, enroller: Enroller, authorize: Any = None) -> None:
+    """Serve the entry's Enrollment service (on its join port: the authorizer lets only Join through there)."""
+    transport.add_service(server, "fledger.v1.Enrollment", EnrollmentServicer(enroller), authorize=authorize)

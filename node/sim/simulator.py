@@ -45,6 +45,14 @@ class Simulation:
     def ledger(self) -> Ledger:
         return self.supernodes[0].ledger
 
+    @property
+    def validators(self) -> list[str] | None:
+        """The initial validator set genesis records: every super node's key when there are several (each block
+        is then co-signed by a majority of them); None with one, whose genesis names its proposer alone."""
+        if len(self.supernodes) == 1:
+            return None
+        return sorted(sn.key.public_hex for sn in self.supernodes)
+
     def close(self) -> None:
         for sn in self.supernodes:
             sn.ledger.close()
@@ -107,7 +115,7 @@ def prepare(cfg: Config, fresh: bool = False, super_nodes: int = 1,
 
 def _check_resumable(sim: Simulation) -> None:
     genesis, _ = sim.ledger.get_block(0)
-    stored, expected = genesis.header.params, sim.ctx.params()
+    stored, expected = genesis.header.params, sim.coordinator.genesis_params(sim.validators)
     if stored != expected or genesis.header.algorithm != sim.ctx.strategy.name:
         diff = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
         raise ResumeMismatch(f"the ledger at {sim.ledger.store.url} was started with other settings "
@@ -144,7 +152,7 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
         emit(f"data: {ctx.dataset.source}; {cfg.clients} clients ({cfg.partition}) on {super_nodes} super "
              f"node{'s' if super_nodes > 1 else ''}, {cfg.algo}, model {model_name(cfg)}; ledger {ledger.store.url}")
         if ledger.head is None:
-            _, metrics = sim.coordinator.genesis(edges=LocalEdges(sim.edges).edges())
+            _, metrics = sim.coordinator.genesis(edges=LocalEdges(sim.edges).edges(), validators=sim.validators)
             first = 1
             emit(f"genesis: initial model, accuracy {metrics.get('accuracy', float('nan')):.2%}")
         else:
