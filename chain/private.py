@@ -52,12 +52,14 @@ def create_private(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def write_private(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` atomically with ``data`` in a 0600 file: write a temporary file beside it, fsync, rename."""
+def write_private(path: str | os.PathLike[str], data: bytes, mode: int = PRIVATE_FILE) -> None:
+    """Replace ``path`` atomically with ``data`` in a 0600 file (or ``mode``: a certificate is 0644): write a
+    temporary file beside it, fsync, rename, so a crash never leaves half a file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")   # fresh: never another writer's
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
+        os.fchmod(fd, mode)   # the umask may have taken bits away from a 0644 file
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from chain.private import write_private
 from node.engine.errors import ForbiddenError
 from node.security.pki import TLS_NAME, Identity, PkiError, TlsCredentials, identity_of
 
@@ -128,7 +130,7 @@ class Revocations:
     """Node ids removed from the network (a removed validator's certificate stays valid until it expires, so the
     entry refuses it by id); kept in memory and, when ``path`` is given, in a file that survives restarts."""
 
-    def __init__(self, path: Any = None):
+    def __init__(self, path: Path | None = None):
         self.path = path
         self._lock = threading.Lock()
         self._ids: set[str] = set()
@@ -143,8 +145,5 @@ class Revocations:
         with self._lock:
             self._ids.add(node_id)
             if self.path is not None:
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.write_text("".join(f"{i}\n" for i in sorted(self._ids)))
-                tmp.chmod(0o600)
-                tmp.replace(self.path)
+                write_private(self.path, "".join(f"{i}\n" for i in sorted(self._ids)).encode())
         log.info("node %s is removed from the network; its certificate is refused from now on", node_id[:16])

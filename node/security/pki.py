@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -20,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chain.encoding import is_hex_digest
 from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN, node_id_for
+from chain.private import private_dir, write_private
 
 ROLES = ("entry", "supernode", "edge", "admin")
 # Every certificate carries this DNS name, so clients can dial any address and still check the name:
@@ -154,27 +153,6 @@ def _load_p256_public(pem: bytes) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def write_file_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write through a temp file and os.replace, so a crash never leaves half a key behind."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _private_dir(directory: Path) -> None:
-    """Create ``directory`` mode 0700; keys live there."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(directory, 0o700)
-
-
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -237,11 +215,11 @@ class CertificateAuthority:
                 .add_extension(_key_usage(cert_sign=True), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .sign(key, hashes.SHA256()))
-        _private_dir(directory)
-        write_file_atomically(directory / CA_KEY, key.private_bytes(
+        private_dir(directory)
+        write_private(directory / CA_KEY, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-        write_file_atomically(directory / CA_CERT, cert_pem, 0o644)
+        write_private(directory / CA_CERT, cert_pem, 0o644)
         return cls(cert_pem, key)
 
     @classmethod
@@ -340,10 +318,10 @@ class TlsCredentials:
         return cls(key_pem, cert_pem, ca_pem)
 
     def save(self, directory: Path) -> None:
-        _private_dir(directory)
-        write_file_atomically(directory / TLS_KEY, self.key_pem, 0o600)
-        write_file_atomically(directory / TLS_CERT, self.cert_pem, 0o644)
-        write_file_atomically(directory / CA_CERT, self.ca_pem, 0o644)
+        private_dir(directory)
+        write_private(directory / TLS_KEY, self.key_pem, 0o600)
+        write_private(directory / TLS_CERT, self.cert_pem, 0o644)
+        write_private(directory / CA_CERT, self.ca_pem, 0o644)
 
 
 def issue_local(ca: CertificateAuthority, directory: Path, role: str, node_id: str, public_key: str,

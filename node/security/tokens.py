@@ -15,6 +15,7 @@ from pathlib import Path
 
 from chain.encoding import EncodingError, canonical_bytes, is_hex_digest
 from chain.keys import PUBLIC_KEY_HEX_LEN, NodeKey, node_id_for, verify_signature
+from chain.private import write_private
 from node.security.pki import (
     CertificateAuthority,
     Identity,
@@ -24,7 +25,6 @@ from node.security.pki import (
     fingerprint,
     identity_of,
     verify_issued,
-    write_file_atomically,
 )
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class TokenStore:
             raise TokenError(f"join tokens exist for {' and '.join(TOKEN_FILES)} only")
         with self._lock:
             token = JoinToken.generate(role, self._fingerprint)
-            write_file_atomically(self._root / TOKEN_FILES[role], (token.text + "\n").encode("ascii"), 0o600)
+            write_private(self._root / TOKEN_FILES[role], (token.text + "\n").encode("ascii"), 0o600)
             self._tokens[role] = token
             return token
 
