@@ -202,3 +202,18 @@ def test_the_operator_reads_the_tokens_and_status(net: SecureNet) -> None:
         tokens = admin.tokens()
         assert tokens["edge"].startswith("fledger1-en-") and tokens["supernode"].startswith("fledger1-sn-")
         assert admin.status().node_id == net.entry.key.node_id
+
+
+def test_the_mode_follows_flags_the_bind_address_and_what_is_on_disk(tmp_path: Path) -> None:
+    from node.process.secure import wants_secure
+
+    assert not wants_secure(Config(), tmp_path)                                  # loopback: open by default
+    assert wants_secure(Config(secure=True), tmp_path)
+    assert wants_secure(Config(join="@token"), tmp_path)                         # joining implies secure
+    with pytest.raises(ConfigError, match="--insecure"):
+        wants_secure(Config(ip="0.0.0.0"), tmp_path)
+    assert not wants_secure(Config(ip="0.0.0.0", insecure=True), tmp_path)
+    with pytest.raises(ConfigError, match="contradict"):
+        wants_secure(Config(secure=True, insecure=True), tmp_path)
+    (tmp_path / "edge-3" / "tls").mkdir(parents=True)                          # an edge host that joined before
+    assert wants_secure(Config(), tmp_path)

@@ -51,8 +51,8 @@ def wants_secure(cfg: Config, data_root: Path) -> bool:
         return False
     if cfg.secure or cfg.join:
         return True
-    if (data_root / TLS_DIR).exists() or (data_root / CA_DIR).exists():
-        return True
+    if (data_root / TLS_DIR).exists() or (data_root / CA_DIR).exists() or any(data_root.glob(f"edge-*/{TLS_DIR}")):
+        return True   # it joined before (an edge host keeps one certificate per hosted edge node)
     if not is_loopback(cfg.ip):
         raise ConfigError(f"binding {cfg.ip} in open mode would let anyone who reaches it control the network: "
                           "use --secure (and --join TOKEN on nodes other than the entry), or --insecure to accept "
