@@ -18,8 +18,9 @@ from typing import Any
 import tomllib
 
 ENV_PREFIX = "FLEDGER_"
-# FLEDGER_* variables that configure the test harness (see tests/conftest.py), not a node: never settings.
-NOT_SETTINGS = ("FLEDGER_TEST_", "FLEDGER_REQUIRE_")
+# FLEDGER_* variables that configure the test harness (see tests/conftest.py) or name a node's parent process
+# (node/process/__init__.py PARENT_ENV), not a node: never settings.
+NOT_SETTINGS = ("FLEDGER_TEST_", "FLEDGER_REQUIRE_", "FLEDGER_PARENT_PID")
 DATASETS = ("mnist", "cifar")
 ALGORITHMS = ("fedavg", "fedper")
 PARTITIONS = ("iid", "shards", "dirichlet")

@@ -1,7 +1,6 @@
 """`main.py cluster`: start SNs and ENs as local processes on loopback, train, check every chain, shut down."""
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from config import Config
 from node.engine.errors import NetError
-from node.process import READY_FILE
+from node.process import PARENT_ENV, READY_FILE
 from node.rpc.clients import AdminClient, RoundLine
 from node.security.pki import TlsCredentials
 
@@ -26,14 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]   # the repository: node/cli/cluster.
 
 class ClusterError(RuntimeError):
     """The cluster did not come up, train or agree; the message says which node and why."""
-
-
-def _die_with_parent() -> None:
-    """Linux: a node gets SIGTERM if the cluster process dies, even by SIGKILL, so none is orphaned."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -74,9 +65,12 @@ def start_node(name: str, data_root: Path, args: Sequence[str], env: dict[str, s
     (data_root / READY_FILE).unlink(missing_ok=True)
     log_file = open(data_root / "node.log", "ab")
     cmd = [sys.executable, str(ROOT / "main.py"), "node", "--data-root", str(data_root), *args]
+    # No preexec_fn: Python code between fork and exec in this process, whose gRPC threads are running, let gRPC's
+    # fork handlers restart a poller that close_fds then broke (the child aborted, "epoll_wait error: Bad file
+    # descriptor"). The node asks for SIGTERM on this process's death itself (PARENT_ENV, see run_node).
     popen = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**os.environ, **(env or {})}, start_new_session=True,
-                             preexec_fn=_die_with_parent)
+                             env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())},
+                             start_new_session=True)
     log_file.close()
     return NodeProcess(name, data_root, popen)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from chain.private import private_dir
 from config import Config, ConfigError
-from node.process import READY_FILE
+from node.process import PARENT_ENV, READY_FILE
 from node.process.edge import EdgeHost, EdgeNode
 from node.process.secure import OPEN_MODE_WARNING
 from node.process.supernode import SuperNode
@@ -98,7 +98,23 @@ def write_ready(cfg: Config, node: SuperNode | EdgeNode | EdgeHost) -> None:
     os.replace(tmp, path)
 
 
+def die_with_parent() -> None:
+    """When started by a parent that asked (PARENT_ENV), get SIGTERM once it dies (Linux), and stop at once if it
+    already has."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not parent.isdigit():
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):   # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_node(cfg: Config) -> int:
+    die_with_parent()
     node = build_node(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
