@@ -73,6 +73,9 @@ class Config:
     heartbeat_s: float = 2.0            # interval between heartbeats
     dead_after_s: float = 10.0          # a member silent this long is dropped
     max_edges_per_sn: int = 64          # an SN refuses edge nodes beyond this
+    round_timeout_s: float | None = None  # longest a round may take: calls are cut after it, and a validator
+                                        # takes over from a proposer silent this long; None: from the settings
+    retry_for_s: float = 300.0          # a failing round is retried (with backoff) this long; 0: stop at once
     # --- security (see README, "Secure mode") -------------------------------------------------------
     secure: bool = False                # mutual TLS and admission by join token (default off loopback)
     insecure: bool = False              # allow open mode on a non-loopback address
@@ -207,6 +210,8 @@ def validate(cfg: Config) -> Config:
          and cfg.partition_index + cfg.hosted_edges <= max(cfg.partition_count, 1),
          "at least 1, with partition_index + hosted_edges <= partition_count"),
         ("device", cfg.device in ("cpu", "cuda", "auto"), "cpu, cuda or auto"),
+        ("round_timeout_s", cfg.round_timeout_s is None or 1 <= cfg.round_timeout_s <= 86400, "in [1, 86400]"),
+        ("retry_for_s", 0 <= cfg.retry_for_s <= 7 * 86400, "in [0, 604800]"),
     ]
     for key, ok, expected in checks:
         if not ok:

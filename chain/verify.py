@@ -141,7 +141,8 @@ def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: 
     """Raise VerificationError at the lowest failing height; return a report for an intact chain.
 
     Pass one checks headers, links, signatures and Merkle roots; pass two re-hashes stored weights.
-    ``authorities`` are the public keys allowed to propose; by default the genesis proposer's.
+    ``authorities`` are the public keys allowed to propose; by default the genesis proposer's and, for each block,
+    those of the validator set in force before it.
     Every block after genesis must be final under the validator set in force before it, which is tracked along
     the chain (chain.validators); the report names the set at the head.
     A checkpoint must be signed by an authority, a co-signer, or one of ``checkpoint_keys`` (the verifying node's
@@ -154,8 +155,11 @@ def verify_chain(source: ChainSource, *, check_models: bool = True, checkpoint: 
     validators: frozenset[str] = frozenset()
     failure: VerificationError | None = None
     for stored in source.iter_blocks():
+        # By default any validator in force may propose (a validator takes over from a failed proposer), as may
+        # the genesis proposer, the chain's authority.
+        proposers = allowed if authorities is not None or allowed is None else allowed | validators
         try:
-            header = check_block(stored, prev, allowed, validators)
+            header = check_block(stored, prev, proposers, validators)
             validators = _validators_after(stored.height, validators, header)
         except VerificationError as exc:
             failure = exc

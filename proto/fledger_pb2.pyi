@@ -97,20 +97,22 @@ class HeartbeatReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberEntry(_message.Message):
-    __slots__ = ("info", "load", "alive", "role", "parent_id", "silent_s")
+    __slots__ = ("info", "load", "alive", "role", "parent_id", "silent_s", "unreachable")
     INFO_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     SILENT_S_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     info: NodeInfo
     load: int
     alive: bool
     role: str
     parent_id: str
     silent_s: float
-    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., load: _Optional[int] = ..., alive: _Optional[bool] = ..., role: _Optional[str] = ..., parent_id: _Optional[str] = ..., silent_s: _Optional[float] = ...) -> None: ...
+    unreachable: str
+    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., load: _Optional[int] = ..., alive: _Optional[bool] = ..., role: _Optional[str] = ..., parent_id: _Optional[str] = ..., silent_s: _Optional[float] = ..., unreachable: _Optional[str] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("include_dead",)
@@ -141,20 +143,24 @@ class RoundPlan(_message.Message):
     def __init__(self, algorithm: _Optional[str] = ..., lr: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RoundAnnouncement(_message.Message):
-    __slots__ = ("round", "base_height", "base_model_hash", "proposer_id", "participants", "plan")
+    __slots__ = ("round", "base_height", "base_model_hash", "proposer_id", "participants", "plan", "view", "target_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     PROPOSER_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     base_height: int
     base_model_hash: str
     proposer_id: str
     participants: _containers.RepeatedScalarFieldContainer[str]
     plan: RoundPlan
-    def __init__(self, round: _Optional[int] = ..., base_height: _Optional[int] = ..., base_model_hash: _Optional[str] = ..., proposer_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[RoundPlan, _Mapping]] = ...) -> None: ...
+    view: int
+    target_round: int
+    def __init__(self, round: _Optional[int] = ..., base_height: _Optional[int] = ..., base_model_hash: _Optional[str] = ..., proposer_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[RoundPlan, _Mapping]] = ..., view: _Optional[int] = ..., target_round: _Optional[int] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("node_id", "reason")
@@ -205,16 +211,50 @@ class PartialPart(_message.Message):
     def __init__(self, header: _Optional[_Union[PartialHeader, _Mapping]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ...) -> None: ...
 
 class BlockPart(_message.Message):
-    __slots__ = ("block", "record", "weights", "cosignature")
+    __slots__ = ("block", "record", "weights", "cosignature", "info")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     COSIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
     block: SignedBlock
     record: SignedRecord
     weights: WeightsChunk
     cosignature: Cosignature
-    def __init__(self, block: _Optional[_Union[SignedBlock, _Mapping]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., cosignature: _Optional[_Union[Cosignature, _Mapping]] = ...) -> None: ...
+    info: ProposalInfo
+    def __init__(self, block: _Optional[_Union[SignedBlock, _Mapping]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., cosignature: _Optional[_Union[Cosignature, _Mapping]] = ..., info: _Optional[_Union[ProposalInfo, _Mapping]] = ...) -> None: ...
+
+class ProposalInfo(_message.Message):
+    __slots__ = ("view",)
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    view: int
+    def __init__(self, view: _Optional[int] = ...) -> None: ...
+
+class PromiseRequest(_message.Message):
+    __slots__ = ("view", "candidate_id")
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    view: int
+    candidate_id: str
+    def __init__(self, view: _Optional[int] = ..., candidate_id: _Optional[str] = ...) -> None: ...
+
+class PromiseReply(_message.Message):
+    __slots__ = ("view", "head", "has_prepared", "prepared_height", "prepared_hash", "prepared_view", "target_round")
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    HAS_PREPARED_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_HASH_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_VIEW_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ROUND_FIELD_NUMBER: _ClassVar[int]
+    view: int
+    head: Head
+    has_prepared: bool
+    prepared_height: int
+    prepared_hash: str
+    prepared_view: int
+    target_round: int
+    def __init__(self, view: _Optional[int] = ..., head: _Optional[_Union[Head, _Mapping]] = ..., has_prepared: _Optional[bool] = ..., prepared_height: _Optional[int] = ..., prepared_hash: _Optional[str] = ..., prepared_view: _Optional[int] = ..., target_round: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("height", "hash", "cosignatures")
@@ -257,7 +297,7 @@ class Height(_message.Message):
     def __init__(self, height: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "role", "head", "edges", "supernodes", "training", "paused", "round", "validators", "secure")
+    __slots__ = ("node_id", "role", "head", "edges", "supernodes", "training", "paused", "round", "validators", "secure", "view", "proposer", "ledger_error")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +308,9 @@ class StatusReply(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VALIDATORS_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    PROPOSER_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_ERROR_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     head: Head
@@ -278,7 +321,10 @@ class StatusReply(_message.Message):
     round: int
     validators: _containers.RepeatedScalarFieldContainer[str]
     secure: bool
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., head: _Optional[_Union[Head, _Mapping]] = ..., edges: _Optional[int] = ..., supernodes: _Optional[int] = ..., training: _Optional[bool] = ..., paused: _Optional[bool] = ..., round: _Optional[int] = ..., validators: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ...) -> None: ...
+    view: int
+    proposer: str
+    ledger_error: str
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., head: _Optional[_Union[Head, _Mapping]] = ..., edges: _Optional[int] = ..., supernodes: _Optional[int] = ..., training: _Optional[bool] = ..., paused: _Optional[bool] = ..., round: _Optional[int] = ..., validators: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ..., view: _Optional[int] = ..., proposer: _Optional[str] = ..., ledger_error: _Optional[str] = ...) -> None: ...
 
 class TokensReply(_message.Message):
     __slots__ = ("supernode", "edge")
@@ -317,7 +363,7 @@ class TrainRequest(_message.Message):
     def __init__(self, rounds: _Optional[int] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("round", "height", "block_hash", "participants", "failures", "metrics", "message", "timings")
+    __slots__ = ("round", "height", "block_hash", "participants", "failures", "metrics", "message", "timings", "error")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +386,7 @@ class TrainProgress(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     round: int
     height: int
     block_hash: str
@@ -348,7 +395,8 @@ class TrainProgress(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     message: str
     timings: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., height: _Optional[int] = ..., block_hash: _Optional[str] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    error: bool
+    def __init__(self, round: _Optional[int] = ..., height: _Optional[int] = ..., block_hash: _Optional[str] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., error: _Optional[bool] = ...) -> None: ...
 
 class EvalReply(_message.Message):
     __slots__ = ("loss", "accuracy", "samples", "edges", "edge_accuracy_mean", "edge_accuracy_min", "edge_accuracy_max")

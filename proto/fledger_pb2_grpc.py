@@ -272,6 +272,16 @@ class SuperNodeStub:
                 request_serializer=fledger__pb2.CommitRequest.SerializeToString,
                 response_deserializer=fledger__pb2.CommitReply.FromString,
                 _registered_method=True)
+        self.Promise = channel.unary_unary(
+                '/fledger.v1.SuperNode/Promise',
+                request_serializer=fledger__pb2.PromiseRequest.SerializeToString,
+                response_deserializer=fledger__pb2.PromiseReply.FromString,
+                _registered_method=True)
+        self.GetPrepared = channel.unary_stream(
+                '/fledger.v1.SuperNode/GetPrepared',
+                request_serializer=fledger__pb2.Empty.SerializeToString,
+                response_deserializer=fledger__pb2.BlockPart.FromString,
+                _registered_method=True)
         self.GetHead = channel.unary_unary(
                 '/fledger.v1.SuperNode/GetHead',
                 request_serializer=fledger__pb2.Empty.SerializeToString,
@@ -332,6 +342,20 @@ class SuperNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promise(self, request, context):
+        """Candidate proposer -> validator: follow view N; refused (ABORTED) when it already follows a newer one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPrepared(self, request, context):
+        """The block this validator holds prepared (stream of one block; empty when none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetHead(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -384,6 +408,16 @@ def add_SuperNodeServicer_to_server(servicer, server):
                     servicer.CommitBlock,
                     request_deserializer=fledger__pb2.CommitRequest.FromString,
                     response_serializer=fledger__pb2.CommitReply.SerializeToString,
+            ),
+            'Promise': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promise,
+                    request_deserializer=fledger__pb2.PromiseRequest.FromString,
+                    response_serializer=fledger__pb2.PromiseReply.SerializeToString,
+            ),
+            'GetPrepared': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetPrepared,
+                    request_deserializer=fledger__pb2.Empty.FromString,
+                    response_serializer=fledger__pb2.BlockPart.SerializeToString,
             ),
             'GetHead': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHead,
@@ -542,6 +576,60 @@ class SuperNode:
             '/fledger.v1.SuperNode/CommitBlock',
             fledger__pb2.CommitRequest.SerializeToString,
             fledger__pb2.CommitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promise(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fledger.v1.SuperNode/Promise',
+            fledger__pb2.PromiseRequest.SerializeToString,
+            fledger__pb2.PromiseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPrepared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fledger.v1.SuperNode/GetPrepared',
+            fledger__pb2.Empty.SerializeToString,
+            fledger__pb2.BlockPart.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,7 @@ import functools
 from collections.abc import Iterator
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, false, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,10 +39,13 @@ class LedgerStore:
     the stored head. ``verify_chain`` re-checks everything stored (the store is a ChainSource).
     """
 
-    def __init__(self, url: str, *, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, url: str, *, chunk_bytes: int = CHUNK_BYTES, statement_timeout: float | None = None,
+                 connect_timeout: float | None = None):
+        """``statement_timeout`` and ``connect_timeout`` (seconds; None: storage.engine's defaults) bound every
+        statement (storage.engine.make_engine)."""
         self.url = url
         self.chunk_bytes = chunk_bytes
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, statement_timeout=statement_timeout, connect_timeout=connect_timeout)
         try:
             Base.metadata.create_all(self.engine)
         except OperationalError as exc:
@@ -91,6 +94,19 @@ class LedgerStore:
             if self._has_block(header.height):
                 raise NotExtendingHead(f"block {header.height} was written concurrently: {exc.orig}") from exc
             raise StoreError(f"block {header.height} refused by the database: {exc.orig}") from exc
+
+    def probe(self) -> None:
+        """Prove that the database accepts writes to every ledger table right now, writing nothing: in one
+        transaction, an UPDATE matching no row on each table, then a rollback. Raises what a write would (an
+        OperationalError for a lock held elsewhere, a server down or a statement timeout; a ProgrammingError for
+        a table gone)."""
+        with self.engine.connect() as conn:   # closing it rolls back, also when a statement failed
+            conn.execute(update(BlockRow).where(false()).values(height=BlockRow.height))
+            conn.execute(update(RecordRow).where(false()).values(height=RecordRow.height))
+            conn.execute(update(ChunkRow).where(false()).values(height=ChunkRow.height))
+            conn.execute(update(CosignatureRow).where(false()).values(height=CosignatureRow.height))
+            conn.execute(update(ClientStateRow).where(false()).values(client_id=ClientStateRow.client_id))
+            conn.rollback()
 
     # ---- reading -------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 -c scripts, train/pause/save/eval end to end, probe errors, a pty REPL, and the console's own model checks."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import queue
@@ -25,7 +26,7 @@ from chain.keys import NodeKey
 from chain.tensors import model_hash
 from config import Config
 from conftest import free_port, raw_connection
-from network import BEAT, MISSED_BEATS, Network
+from network import BEAT, MISSED_BEATS, Network, config
 from node.console.repl import Console
 from node.engine.receipts import ACC_SCALE
 from node.engine.views import EvalReport
@@ -263,6 +264,24 @@ def test_train_exits_1_with_the_note_when_every_edge_node_fails(net: Network, tm
     assert net.head() == head
 
 
+def test_train_exits_1_without_finished_when_no_edge_node_is_registered(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(config(tmp_path / "lonely"), is_entry=True)
+    lonely = SuperNode(Ledger.open(tmp_path / "lonely", key=NodeKey.from_seed(b"lonely")), "127.0.0.1:0", cfg,
+                       heartbeat_interval=BEAT, missed_beats=MISSED_BEATS)
+    lonely.start()
+    try:
+        result = run_console(lonely.port, "train(rounds=3)", tmp_path)
+        head = lonely.ledger.head
+    finally:
+        lonely.stop()
+
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert lines[-1].startswith("round 1 failed: ") and "no live edge node" in lines[-1], lines
+    assert "training finished" not in lines, lines
+    assert head is not None and head.height == 0   # the genesis block only
+
+
 class Follower:
     """A console running a long `train(...)` in the background; its output lines arrive on a queue."""
 
@@ -326,9 +345,8 @@ def test_pause_from_a_second_console_stops_training_after_the_current_round(net:
         follower.kill()
 
     assert pause.returncode == 0 and pause.stdout == "training will stop after the current round\n"
-    paused = [line for line in follower.seen if line.startswith("paused after round ")]
-    assert code == 0 and follower.seen[-1] == "training finished", follower.seen
-    assert len(paused) == 1 and int(paused[0].split()[-1]) == net.head().round
+    assert code == 0 and follower.seen[-1] == f"training paused after round {net.head().round}", follower.seen
+    assert "training finished" not in follower.seen
 
 
 def test_save_writes_the_head_model_on_the_super_node_and_says_where(net: Network, tmp_path: Path) -> None:

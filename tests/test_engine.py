@@ -298,7 +298,9 @@ def test_commit_after_the_head_moved_is_refused_and_stores_nothing(tmp_path: Pat
     peer.cosign(data)
     rival = entry.ledger.build(round=1, algorithm="fedavg", params={}, weights={"w": WEIGHTS["w"] + 2}, records=[],
                                metrics={}, timestamp_ms=2)
-    peer.cosign(BlockData.of(rival))
+    with pytest.raises(PreconditionError, match="already prepared here in view 0"):
+        peer.cosign(BlockData.of(rival))   # one block per height and view
+    peer.cosign(BlockData.of(rival), view=1)   # a newer view may replace an unfinished one
     peer.commit(1, rival.block.hash, [Cosignature.create(1, rival.block.hash, entry.key)])
 
     with pytest.raises((NotFoundError, PreconditionError)):

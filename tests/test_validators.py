@@ -292,9 +292,9 @@ def test_without_a_majority_of_the_validators_nothing_is_stored_and_the_message_
     with pytest.raises(NoMajorityError) as caught:
         coord.run_round(1)
 
-    message = str(caught.value)
-    assert message.startswith("block 1 got 1 of 3 validators' co-signatures (needs 2); not final: ")
-    assert all(f"{p.node_id} (super node failed to co-sign: {p.node_id} is unreachable)" in message for p in peers)
+    message = str(caught.value)   # the proposer could not even gather a majority to lead (election)
+    assert message.startswith("view 3: 1 of 3 validators promised to follow it (needs 2), so no block can be final: ")
+    assert all(f"{p.node_id} (super node failed to promise: {p.node_id} is unreachable)" in message for p in peers)
     assert [sn.ledger.head.height for sn in (entry, *peers) if sn.ledger.head] == [0, 0, 0]
     # A validator that is not even a peer of the round is named too.
     current[:] = []
@@ -304,7 +304,10 @@ def test_without_a_majority_of_the_validators_nothing_is_stored_and_the_message_
     current[:] = peers   # they are back
     report = coord.run_round(1)
 
-    assert len(entry.ledger.store.cosignatures(1)) == 3 and report.failures == []
+    # Co-signing stops at a majority: the proposer and the first peer; the other catches up by syncing.
+    assert len(entry.ledger.store.cosignatures(1)) == 2 and report.failures == []
+    for p in peers:
+        p.catch_up()
     assert all(p.ledger.head == entry.ledger.head for p in peers)
 
 
@@ -418,11 +421,12 @@ def test_with_two_of_three_validators_stopped_nothing_is_final_until_they_come_b
     try:
         assert net.train(1)[0].height == 3   # blocks 1 and 2 admitted sn1 and sn2
         head = net.head()
+        assert all(wait_until(lambda sn=sn: sn.ledger.head == head, timeout=15.0) for sn in net.sns)
         for i in (1, 2):
             net.sns[i].stop(None)
 
         progress = net.train(1)
-        with pytest.raises(NetError, match="got 1 of 3 validators' co-signatures \\(needs 2\\)"), \
+        with pytest.raises(NetError, match="1 of 3 validators promised to follow it \\(needs 2\\)"), \
                 net.admin() as admin:
             admin.remove_supernode(net.sns[1].key.node_id)   # removing a dead one needs the same majority
 
@@ -444,7 +448,8 @@ def test_with_two_of_three_validators_stopped_nothing_is_final_until_they_come_b
 
         assert progress[0].finished and progress[0].round == 2 and progress[0].height == 4
         final = net.head()
-        assert len(net.entry.ledger.store.cosignatures(4)) == 3 and len(net.entry.ledger.validators) == 3
+        # co-signing stops at a majority (2 of 3); the third validator stores the block by commit or sync
+        assert len(net.entry.ledger.store.cosignatures(4)) >= 2 and len(net.entry.ledger.validators) == 3
         assert all(wait_until(lambda sn=sn: sn.ledger.head == final, timeout=15.0) for sn in net.sns)
     finally:
         net.close()

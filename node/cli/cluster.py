@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from config import Config
 from node.engine.errors import NetError
@@ -73,6 +75,32 @@ def start_node(name: str, data_root: Path, args: Sequence[str], env: dict[str, s
                              start_new_session=True)
     log_file.close()
     return NodeProcess(name, data_root, popen)
+
+
+class StopSignals:
+    """While installed (main thread only; elsewhere no handler runs): SIGINT raises KeyboardInterrupt and SIGTERM
+    SystemExit(143), so the command's ``finally`` stops every node (SIGTERM would otherwise end this process at
+    once, leaving the nodes to notice their parent is gone); once ``stopping`` is set, both are only noted, so a
+    second one cannot cut the stop short and leave a node behind."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.stopping:
+            log.warning("signal %d while stopping the nodes; still stopping them", signum)
+            return
+        self.stopping = True   # raise once only
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_all(nodes: Sequence[NodeProcess], grace: float = 10.0) -> None:
@@ -181,6 +209,7 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
     conf = _node_config_file(cfg, root / "cluster.json")
     nodes: list[NodeProcess] = []
     started = time.perf_counter()
+    signals = StopSignals()
     try:
         sn_args = []
         for i in range(supernodes):
@@ -237,5 +266,9 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
     except NetError as exc:
         raise ClusterError(str(exc)) from exc
     finally:
-        emit("stopping all nodes")
-        stop_all(nodes)
+        signals.stopping = True
+        try:
+            emit("stopping all nodes")
+        finally:
+            stop_all(nodes)
+            signals.restore()

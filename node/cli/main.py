@@ -157,6 +157,7 @@ def _pct(value) -> str:
 
 NODE_KEYS = FL_KEYS + ("ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
                        "partition_count", "hosted_edges", "heartbeat_s", "dead_after_s", "max_edges_per_sn",
+                       "round_timeout_s", "retry_for_s",
                        "secure", "insecure", "join", "join_port", "join_address")
 
 
@@ -181,6 +182,11 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                         "DATA_ROOT/edge-<share>); they share the dataset and one model in memory")
     p.add_argument("--heartbeat", dest="heartbeat_s", type=float, help="seconds between heartbeats")
     p.add_argument("--dead-after", dest="dead_after_s", type=float, help="drop members silent this long")
+    p.add_argument("--round-timeout", dest="round_timeout_s", type=float,
+                   help="seconds a round may take before its calls are cut and another validator takes over "
+                        "(default: derived from the model and the training settings)")
+    p.add_argument("--retry-for", dest="retry_for_s", type=float,
+                   help="seconds a failing round is retried before training stops (default 300; 0: never)")
     p.add_argument("--max-edges", dest="max_edges_per_sn", type=int, help="SN: edge nodes it accepts at most")
     p.add_argument("--secure", action="store_true", default=None,
                    help="secure mode: mutual TLS, admission by join token (default when binding a non-loopback "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +18,7 @@ from node.engine.errors import BadRequestError, NetError
 from node.engine.receipts import ACC_SCALE, LOSS_SCALE
 from node.engine.types import ChainHead
 from node.engine.views import MemberView
-from node.rpc.clients import AdminClient
+from node.rpc.clients import AdminClient, RoundLine
 
 CHAIN_DEFAULT = 10          # blocks chain() shows by default
 
@@ -130,6 +131,7 @@ def cmd_train(con: Session, rounds: int = 0) -> bool:
     rounds = _int_arg("rounds", rounds)
     lines = con.admin.train(rounds)
     first = True
+    paused: int | None = None
     try:
         for line in lines:
             if first:   # the call's errors surface on the first read, so announce only once it is accepted
@@ -137,9 +139,13 @@ def cmd_train(con: Session, rounds: int = 0) -> bool:
                         f"on {con.address}; Ctrl-C stops waiting")
                 first = False
             if not line.finished:
-                con.say(line.message or f"round {line.round}")
-                if line.message.startswith(("training stopped", f"round {line.round} failed")):
+                if training_failed(line):
+                    con.say(line.message or f"round {line.round} failed")
                     return False
+                if PAUSED.match(line.message):
+                    paused = line.round
+                    continue
+                con.say(line.message or f"round {line.round}")
                 continue
             metrics = dict(line.metrics)
             acc = f"{metrics.pop('accuracy'):.4f}" if "accuracy" in metrics else "-"
@@ -155,11 +161,21 @@ def cmd_train(con: Session, rounds: int = 0) -> bool:
         con.say("stopped waiting; training continues on the node (pause() stops it)")
         return True
     except NetError as exc:
-        if exc.status == "CANCELLED":
-            return True
+        if exc.status == "CANCELLED":   # the node stopped mid-stream: training did not finish
+            con.say(f"training stream cancelled by {con.address}; training may not have finished")
+            return False
         raise
-    con.say("training finished")
+    con.say("training finished" if paused is None else f"training paused after round {paused}")
     return True
+
+
+PAUSED = re.compile(r"paused after round (\d+)$")
+
+
+def training_failed(line: RoundLine) -> bool:
+    """A note saying training stopped on an error (the node's flag). A failed round that the node retries is
+    not one: training goes on."""
+    return line.error
 
 
 def cmd_pause(con: Session) -> bool:

@@ -13,9 +13,11 @@ from typing import Any
 from chain.block import SignedBlock
 from chain.keys import node_id_for
 from chain.validators import VALIDATORS, MembershipChange, MembershipError, apply_change
+from chain.verify import VerifiedBlock
 from fl.server import RoundFailed, evaluate_personalised
-from node.engine.consensus import ask_all, finalize
-from node.engine.errors import BadRequestError, PreconditionError
+from node.engine.consensus import ask_all, finalize, take_lead
+from node.engine.election import proposer_of
+from node.engine.errors import BadRequestError, NetError, PreconditionError
 from node.engine.partial import Roster, check_partial, combine, combine_metrics, shared_trainers
 from node.engine.receipts import integer_metrics
 from node.engine.supernode import SuperNodeCore
@@ -55,6 +57,9 @@ class Coordinator:
         self._changes = threading.Condition()   # membership changes waiting for _serial; rounds let them go first
         self._changes_waiting = 0
         self._listing = threading.local()  # .roster: who listed which edge, from this thread's last all_edges
+        self.state = local.state          # this validator's view and prepared block (node.engine.election)
+        self.target_round = 0             # the running job's last round, announced so any validator can go on
+        self._led_view: int | None = None  # the view this node gathered a majority's promises for
 
     def genesis_params(self, validators: Collection[str] | None = None) -> dict[str, Any]:
         """The genesis block's params: the run's, plus the initial validator set (sorted keys) when one is given;
@@ -149,20 +154,59 @@ class Coordinator:
         with self._serial:
             return self._run_round(round)
 
+    def lead(self, peers: Sequence[Peer]) -> VerifiedBlock | None:
+        """Make sure this node leads the view it follows (election): unless it already gathered a majority's
+        promises for it, take the lead of its next view and finish the block a predecessor left prepared, if any
+        (returned, final). Raises what ``take_lead`` and ``finalize`` raise."""
+        view = self.state.view
+        me = self.ledger.key.public_hex
+        if self._led_view == view and proposer_of(view, self.ledger.validators, self.ledger.authority) == me:
+            return None
+        self._led_view = None
+        view, recovered = take_lead(self.ledger, self.state, peers, self.local.catch_up, self.concurrent)
+        self._led_view = view
+        if recovered is None:
+            return None
+        final, refused = self._finalize(peers, recovered)
+        for peer_id, why in refused:
+            log.warning("recovered block %d: %s: %s", final.header.height, peer_id, why)
+        log.info("view %d: block %d %s, prepared by an earlier proposer, is final", view, final.header.height,
+                 final.block.hash[:12])
+        return final
+
+    def _finalize(self, peers: Sequence[Peer], proposal: VerifiedBlock,
+                  timings: dict[str, float] | None = None) -> tuple[VerifiedBlock, list[tuple[str, str]]]:
+        """``finalize`` in the view this node leads; a refusal or failure gives the lead up (the next block
+        gathers promises again)."""
+        try:
+            return finalize(self.ledger, peers, proposal, view=self.state.view, state=self.state,
+                            wait_durable=self.wait_durable, concurrent=self.concurrent,
+                            client_state=self.client_state() if self.client_state else None, timings=timings)
+        except (NetError, OSError):
+            self._led_view = None
+            raise
+
     def _run_round(self, round: int) -> RoundReport:
         started = time.perf_counter()
+        peers = list(self.peers())
+        recovered = self.lead(peers)
         head = self.ledger.head
         if head is None:
             raise PreconditionError("the chain has no genesis block yet")
+        if recovered is not None and recovered.header.round >= round:
+            return RoundReport(round, recovered.block, {}, len(recovered.records),
+                               [("proposer", f"block {recovered.header.height} was prepared by an earlier proposer "
+                                             "and is now final; its round's metrics are in the block")],
+                               {"round_s": time.perf_counter() - started})
         if round <= head.round:
             raise PreconditionError(f"round {round} is stale: the head block closed round {head.round}")
         base = self.local.base(head.height)
-        peers = list(self.peers())
         edges = self.all_edges(peers)
         roster: Roster = self._listing.roster   # who listed each edge above (all_edges, on this thread)
         selected = self.select(round, edges)
         announcement = Announcement(round, base.height, base.model_hash, self.local.node_id,
-                                    tuple(e.node_id for e in selected), Plan.of(self.ctx.strategy))
+                                    tuple(e.node_id for e in selected), Plan.of(self.ctx.strategy),
+                                    self.state.view, self.target_round)
         timings = {"select_s": time.perf_counter() - started}
         mark = time.perf_counter()
         partials, failures = self._collect(announcement, base, peers, roster)
@@ -190,9 +234,7 @@ class Coordinator:
                                      weights=new, records=records, metrics=integer_metrics(metrics),
                                      timestamp_ms=self.ctx.timestamp(round), weights_blob=model.blob)
         timings["block_s"] = time.perf_counter() - mark
-        final, refused = finalize(self.ledger, peers, proposal, wait_durable=self.wait_durable,
-                                  concurrent=self.concurrent,
-                                  client_state=self.client_state() if self.client_state else None, timings=timings)
+        final, refused = self._finalize(peers, proposal, timings)
         failures += refused
         block = final.block
         self.local.remember(Base(block.header.height, block.header.model_hash, new, proposal.weights_blob))
@@ -226,20 +268,21 @@ class Coordinator:
                 self._changes.notify_all()
 
     def _change(self, change: MembershipChange) -> MembershipResult:
-        head = self.ledger.head
-        if head is None:
+        if self.ledger.head is None:
             raise PreconditionError("the chain has no genesis block yet")
+        peers = list(self.peers())
+        self.lead(peers)
+        head = self.ledger.head
+        assert head is not None
         try:
-            apply_change(self.ledger.validators, change, self.ledger.key.public_hex)
+            apply_change(self.ledger.validators, change, self.ledger.authority or self.ledger.key.public_hex)
         except MembershipError as exc:
             raise PreconditionError(str(exc)) from exc
         base = self.local.base(head.height)
         proposal = self.ledger.build(round=head.round, algorithm=self.ctx.strategy.name, params=change.params(),
                                      weights=base.weights, records=[], metrics={},
                                      timestamp_ms=self.ctx.timestamp(head.round), weights_blob=base.blob)
-        final, refused = finalize(self.ledger, list(self.peers()), proposal, wait_durable=self.wait_durable,
-                                  concurrent=self.concurrent,
-                                  client_state=self.client_state() if self.client_state else None)
+        final, refused = self._finalize(peers, proposal)
         block = final.block
         self.local.remember(Base(block.header.height, block.header.model_hash, base.weights, base.blob))
         validators = tuple(sorted(node_id_for(k) for k in self.ledger.validators))

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from fl.server import RoundFailed
 from node.engine.coordinator import Coordinator
-from node.engine.errors import NetError
+from node.engine.election import SupersededError
+from node.engine.errors import NetError, UnavailableError
 from node.engine.types import Note, Progress
 from node.ledger import Ledger
 
@@ -29,8 +31,11 @@ class TrainJob:
 class TrainingJobs:
     """Runs training jobs one at a time in a background thread; pause stops a job after its current round."""
 
-    def __init__(self, coordinator: Coordinator, rounds_default: int):
+    def __init__(self, coordinator: Coordinator, rounds_default: int, retry_for: float = 0.0,
+                 before_round: Callable[[], None] = lambda: None):
         self.coordinator = coordinator
+        self.retry_for = retry_for                    # seconds a failing round is retried (0: stop at once)
+        self.before_round = before_round              # a check before each round (raises to fail it)
         self.ledger: Ledger = coordinator.ledger
         self.rounds_default = rounds_default          # start(0): up to this total round
         self._cond = threading.Condition()
@@ -51,15 +56,16 @@ class TrainingJobs:
         head = self.ledger.head
         return head.round if head else 0
 
-    def start(self, rounds: int) -> tuple[TrainJob, bool]:
-        """Start a job of ``rounds`` rounds after the head (0: up to the configured total); (job, False) when one
-        is already running (the caller follows it)."""
+    def start(self, rounds: int, last_round: int | None = None) -> tuple[TrainJob, bool]:
+        """Start a job of ``rounds`` rounds after the head (0: up to the configured total), or up to round
+        ``last_round`` when given (a validator continuing another's job); (job, False) when one is already
+        running (the caller follows it)."""
         with self._cond:
             if self._job is not None and not self._job.done:
                 return self._job, False
             head = self.ledger.head
             head_round = head.round if head else 0
-            last = head_round + rounds if rounds else self.rounds_default
+            last = last_round if last_round is not None else head_round + rounds if rounds else self.rounds_default
             job = TrainJob(head_round + 1, last)
             self._job, self.pause_requested = job, False
             if job.first_round > job.last_round:
@@ -73,6 +79,7 @@ class TrainingJobs:
     def pause(self) -> None:
         with self._cond:
             self.pause_requested = True
+            self._cond.notify_all()
 
     def follow(self, job: TrainJob, alive: Callable[[], bool] = lambda: True) -> Iterator[Progress]:
         """Yield the job's progress from the first until it is done (or the caller went away)."""
@@ -96,28 +103,67 @@ class TrainingJobs:
             thread.join(timeout)
 
     def _run(self, job: TrainJob) -> None:
+        """Rounds after the head up to the job's last. A failed round is retried with backoff for ``retry_for``
+        seconds of failures in a row (a peer or the store may come back), each failure a note; a newer proposer
+        ends the job here without an error (it goes on there)."""
+        failing_since: float | None = None
+        delay = 1.0
+        self.coordinator.target_round = job.last_round
+        self.coordinator.state.set_target(job.last_round)
         try:
-            for rnd in range(job.first_round, job.last_round + 1):
+            while True:
+                head = self.ledger.head
+                rnd = (head.round if head else 0) + 1
+                if rnd > job.last_round:
+                    break
                 with self._cond:
                     if self.pause_requested:
                         job.progress.append(Note(rnd - 1, f"paused after round {rnd - 1}"))
                         break
                     job.current = rnd
                 try:
+                    self.before_round()
                     report = self.coordinator.run_round(rnd)
-                except (RoundFailed, NetError) as exc:
-                    log.error("round %d failed: %s", rnd, exc)
-                    with self._cond:
-                        job.progress.append(Note(rnd, f"round {rnd} failed: {exc}"))
+                except SupersededError as exc:
+                    log.info("round %d: %s", rnd, exc)
+                    self._note(job, Note(rnd, f"round {rnd}: another super node took over proposing ({exc}); "
+                                              "training goes on there"))
                     break
-                with self._cond:
-                    job.progress.append(report)
-                    self._cond.notify_all()
+                except (RoundFailed, NetError, OSError) as exc:
+                    now = time.monotonic()
+                    failing_since = now if failing_since is None else failing_since
+                    if now - failing_since + delay > self.retry_for:
+                        log.error("round %d failed: %s", rnd, exc)
+                        tried = f"; training stopped after {now - failing_since:.0f} s of failures" \
+                            if self.retry_for else ""
+                        self._note(job, Note(rnd, f"round {rnd} failed: {exc}{tried}", error=True))
+                        break
+                    log.warning("round %d failed: %s; retrying in %.0f s", rnd, exc, delay)
+                    self._note(job, Note(rnd, f"round {rnd} failed: {exc}; retrying in {delay:.0f} s"))
+                    with self._cond:
+                        self._cond.wait_for(lambda: self.pause_requested, timeout=delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                failing_since, delay = None, 1.0
+                self._note(job, report)
         except Exception as exc:  # a bug must not leave followers waiting forever
             log.exception("training stopped")
-            with self._cond:
-                job.progress.append(Note(job.current, f"training stopped: {exc}"))
+            self._note(job, Note(job.current, f"training stopped: {exc}", error=True))
         finally:
             with self._cond:
                 job.done = True
                 self._cond.notify_all()
+
+    def _note(self, job: TrainJob, progress: Progress) -> None:
+        with self._cond:
+            job.progress.append(progress)
+            self._cond.notify_all()
+
+
+def healthy_ledger(ledger: Ledger) -> Callable[[], None]:
+    """A check before each round: a ledger that cannot write tries to heal first; UnavailableError when it still
+    cannot (the round then fails and is retried)."""
+    def check() -> None:
+        if not ledger.healthy and not ledger.heal():
+            raise UnavailableError(f"this node's ledger cannot write: {ledger.health_reason}")
+    return check

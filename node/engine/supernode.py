@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 
-from chain.block import Cosignature
+from chain.block import Cosignature, MalformedError
+from chain.keys import node_id_for
 from chain.verify import VerificationError, VerifiedBlock
-from node.engine.errors import BadRequestError, NotFoundError, PreconditionError
+from node.engine.election import ConsensusState, Promise, proposer_of
+from node.engine.errors import BadRequestError, NotFoundError, PreconditionError, UnavailableError
 from node.engine.partial import train_partial
 from node.engine.sync import store, sync_from, verify
 from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeDirectory, EdgeRef, Partial, Peer
@@ -22,8 +25,10 @@ class SuperNodeCore:
     """One super node's round and block logic over its ledger and its edge nodes."""
 
     def __init__(self, ledger: Ledger, directory: EdgeDirectory,
-                 upstream: Callable[[], Peer | None] = lambda: None):
+                 upstream: Callable[[], Peer | None] = lambda: None, state: ConsensusState | None = None):
         self.ledger = ledger
+        self.state = state if state is not None else ConsensusState()   # view and prepared block (election)
+        self.last_activity = time.monotonic()   # when the proposer was last heard (a round, a block, a commit)
         self.key = ledger.key
         self.node_id = ledger.key.node_id
         self.directory = directory
@@ -65,6 +70,11 @@ class SuperNodeCore:
         """Train this node's selected edge nodes for the announced round (``base``: the caller's copy of the base,
         used as is when it matches; a peer loads its own). Refuses a stale round or one it is already training."""
         round = announcement.round
+        self.state.follow(announcement.view, announcement.proposer_id)
+        self.check_healthy()
+        self.heard()
+        if announcement.target_round:
+            self.state.set_target(announcement.target_round)
         if not self._round_lock.acquire(blocking=False):
             raise PreconditionError(f"round {round} refused: this super node is already training a round")
         try:
@@ -96,36 +106,91 @@ class SuperNodeCore:
         if upstream is None:
             return 0
         with self._sync_lock:
-            return sync_from(self.ledger, upstream)
+            added = sync_from(self.ledger, upstream)
+        head = self.ledger.head
+        if head is not None:
+            self.state.discard_through(head.height)
+        return added
 
     # ---- blocks ---------------------------------------------------------------------------------------------
 
-    def cosign(self, data: BlockData) -> Cosignature:
-        """Verify a proposed block once, against this node's head, the chain's authority and its validator set, and
-        co-sign it; the verified block waits for its commit. A node more than one block behind (a validator just
-        admitted, or one that missed a membership block) first catches up from its upstream."""
+    def heard(self) -> None:
+        """The proposer was heard from just now (the takeover watchdog counts from here)."""
+        self.last_activity = time.monotonic()
+
+    def check_healthy(self) -> None:
+        """UnavailableError while this node's ledger cannot write: it sits out rounds and blocks, saying why."""
+        if not self.ledger.healthy:
+            raise UnavailableError(f"super node {self.node_id} sits out until its store works again: "
+                                   f"{self.ledger.health_reason}")
+
+    def proposer(self) -> str | None:
+        """The node id of the proposer of the view this node follows."""
+        key = proposer_of(self.state.view, self.ledger.validators, self.ledger.authority)
+        return node_id_for(key) if key is not None else None
+
+    def cosign(self, data: BlockData, view: int = 0) -> Cosignature:
+        """Verify a proposed block once, against this node's head, the chain's authority and its validator set,
+        write it to this node's journal as its prepared block of ``view`` (election), and co-sign it: a
+        co-signature means "verified and durably stored". A node more than one block behind (a validator just
+        admitted, or one that missed a block) first catches up from its upstream. Refuses (SupersededError) a view
+        older than the one it follows, and (UnavailableError) any block while its ledger cannot write."""
+        self.state.follow(view, data.block.header.proposer_id if _parses(data) else "")
+        self.check_healthy()
+        self.heard()
         head, upstream = self.ledger.head, self.upstream()
         if upstream is not None and data.block.header.height > (head.height + 1 if head is not None else 0):
             self.catch_up(upstream)
         verified = verify(self.ledger, data)
         height = verified.block.header.height
+        self.state.prepare(verified, view)
         with self._lock:
             self._pending = {h: b for h, b in self._pending.items() if b.block.header.height >= height}
             self._pending[verified.block.hash] = verified
-        log.info("co-signing block %d (%s...)", height, verified.block.hash[:16])
+        log.info("co-signing block %d (%s...) in view %d", height, verified.block.hash[:16], view)
         return Cosignature.create(height, verified.block.hash, self.key)
 
     def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
-        """Store a block this node co-signed, once the proposer shows co-signatures of a strict majority of this
-        node's validator set; returns when it is durable here."""
+        """Store a block this node prepared, once the proposer shows co-signatures of a strict majority of this
+        node's validator set; returns when it is durable here. A block this node already stored is answered at
+        once (a re-sent commit)."""
+        self.heard()
+        head = self.ledger.head
+        if head is not None and head.height >= height:
+            if height == head.height and head.hash == block_hash:
+                return
+            stored, _ = self.ledger.get_block(height)
+            if stored.hash == block_hash:
+                return
+            raise PreconditionError(f"block {height} here is {stored.hash[:16]}, not {block_hash[:16]}")
         with self._lock:
             verified = self._pending.get(block_hash)
+        if verified is None:
+            held = self.state.prepared()
+            if held is not None and held.hash == block_hash:
+                verified = verify(self.ledger, held.data)
         if verified is None or verified.block.header.height != height:
             raise NotFoundError(f"no proposed block {block_hash} at height {height} is pending here; propose it first")
         store(self.ledger, with_cosignatures(verified, cosignatures, self.ledger.validators))
+        self.state.discard_through(height)
         with self._lock:
             # Drop this block and any other proposal for the same height: only one can ever extend the chain.
             self._pending = {h: b for h, b in self._pending.items() if b.block.header.height > height}
+
+    def promise(self, view: int, candidate: str = "") -> Promise:
+        """Follow ``view`` from now on, for candidate proposer ``candidate`` (SupersededError when this node
+        follows a newer one), and report the head, the prepared block and the training target."""
+        head = self.ledger.head
+        held = self.state.prepared()
+        if held is not None and head is not None and held.height <= head.height:
+            self.state.discard_through(head.height)
+        self.heard()
+        return self.state.promise(view, self.head(), candidate)
+
+    def prepared_block(self) -> BlockData | None:
+        """The block this node holds prepared, as it was proposed (None when none)."""
+        held = self.state.prepared()
+        return held.data if held is not None else None
 
     def model_blob(self, height: int) -> tuple[str, bytes]:
         """(model hash, encoded weights) of the block at ``height``, as stored."""
@@ -136,7 +201,8 @@ class SuperNodeCore:
         return block.header.model_hash, self.ledger.load_weights_blob(height)
 
     def head(self) -> ChainHead | None:
-        head = self.ledger.head
+        """The durable head: a block still being written is not reported."""
+        head = self.ledger.durable_head
         return None if head is None else ChainHead(head.height, head.hash, head.model_hash)
 
     def blocks(self, start: int, end: int) -> Iterator[BlockData]:
@@ -147,16 +213,21 @@ class SuperNodeCore:
             yield BlockData.of(verified)
 
 
+def _parses(data: BlockData) -> bool:
+    try:
+        return data.block.header is not None
+    except MalformedError:   # verify names it
+        return False
+
+
 def with_cosignatures(verified: VerifiedBlock, cosignatures: Sequence[Cosignature],
                       validators: Collection[str]) -> VerifiedBlock:
     """The block with the co-signatures that finalise it: each valid, each signer once (``VerifiedBlock.cosigned``),
-    the proposer's among them, since only the proposer declares a block final, and every signer a validator of
-    ``validators`` (the set in force before the block), more than half of them (``VerifiedBlock.check_final``).
-    BadRequestError otherwise."""
+    and every signer a validator of ``validators`` (the set in force before the block), more than half of them
+    (``VerifiedBlock.check_final``). The block's proposer need not be among them: a proposer that takes over
+    finalises the block its predecessor left prepared (election). BadRequestError otherwise."""
     if not cosignatures:
         raise BadRequestError("commit needs valid co-signatures; none given")
-    if verified.block.header.proposer_key not in {c.signer_key for c in cosignatures}:
-        raise BadRequestError("commit lacks the proposer's co-signature; only the proposer finalises a block")
     try:
         final = verified.cosigned(cosignatures)
         final.check_final(validators)

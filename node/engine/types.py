@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.tensors import encode_weights, model_hash
@@ -13,6 +13,9 @@ from chain.verify import VerifiedBlock
 from fl.aggregate import Weights
 from fl.participant import Participant
 from fl.strategy import FedAvg, make_strategy
+
+if TYPE_CHECKING:
+    from node.engine.election import Promise
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class Announcement:
     proposer_id: str
     participants: tuple[str, ...]   # the selected edge nodes of the whole network, in share order
     plan: Plan
+    view: int = 0                   # the proposer's view (node.engine.election)
+    target_round: int = 0           # the training job's last round, so any validator can continue it
 
 
 @dataclass
@@ -133,6 +138,7 @@ class Note:
 
     round: int
     message: str
+    error: bool = False   # training stopped on an error (a console following it exits non-zero)
 
 
 Progress = RoundReport | Note   # what a training job reports, round by round
@@ -192,8 +198,17 @@ class Peer(Protocol):
         proposer's copy, used to check the partial; the peer trains from its own ledger)."""
         ...
 
-    def cosign(self, data: BlockData) -> Cosignature:
-        """Verify the proposed block against its head and co-sign it; the block waits there for commit."""
+    def cosign(self, data: BlockData, view: int = 0) -> Cosignature:
+        """Verify the proposed block against its head, prepare it durably in ``view`` and co-sign it; the block
+        waits there for commit."""
+        ...
+
+    def promise(self, view: int, candidate: str) -> Promise:
+        """Follow ``view`` of candidate proposer ``candidate``; its head, prepared block and training target."""
+        ...
+
+    def prepared_block(self) -> BlockData | None:
+        """The block it holds prepared (None: none)."""
         ...
 
     def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:

@@ -30,6 +30,7 @@ class MemberView:
     capacity: int = 0            # super node: most edge nodes it takes (0: no limit)
     samples: int = 0             # edge: its training samples
     share: int | None = None     # edge: its data-share index
+    unreachable: str = ""        # super node: why it did not answer getSN() in time ("" when it did)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class NodeStatus:
     paused: bool
     round: int                   # the round being trained, else the head block's round
     validators: tuple[str, ...] = ()   # node ids of the validator set at the head, sorted
+    view: int = 0                # the view this node follows, and its proposer (node.engine.election)
+    proposer: str = ""
+    ledger_error: str = ""       # why its ledger cannot write now ("" while it can); the head is the durable one
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from node.engine.edge import EdgeCore
 from node.engine.errors import NetError, NotFoundError, UnavailableError
@@ -17,6 +18,7 @@ from node.security.pki import TlsCredentials
 log = logging.getLogger(__name__)
 
 SERVICE = "fledger.v1.EdgeNode"
+STOP_WAIT_S = 5.0   # stop() waits this long (and the gRPC grace) at most for the membership loop and the server
 
 
 class EdgeNode:
@@ -46,9 +48,19 @@ class EdgeNode:
         log.info("edge node %s serving on %s; entry %s", self.key.node_id, self.address, self.entry)
 
     def stop(self, grace: float | None = 2.0) -> None:
+        self.halt()
+        self.finish(self.server.stop(grace), time.monotonic() + STOP_WAIT_S + (grace or 0))
+
+    def halt(self) -> None:
+        """Stop the membership loop: no more joins or heartbeats (it ends within its current call's deadline)."""
         self._stop.set()
-        self._thread.join(timeout=5)
-        self.server.stop(grace).wait()
+
+    def finish(self, stopped: threading.Event, deadline: float) -> None:
+        """Wait, until ``deadline`` at most, for the membership loop and the server (``stopped``: server.stop's)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not stopped.wait(timeout=max(0.0, deadline - time.monotonic())):
+            log.warning("edge node %s: the server did not stop in time", self.key.node_id)
 
     def join(self) -> str:
         """Ask the entry for a super node, then register there; return its address (raises NetError)."""
@@ -92,5 +104,19 @@ class EdgeHost:
             node.start()
 
     def stop(self, grace: float | None = 2.0) -> None:
+        """Stop every node at once (one at a time, the last ones kept heartbeating for many seconds), each within
+        the same deadline; one that fails to stop does not keep the others running."""
         for node in self.nodes:
-            node.stop(grace)
+            node.halt()
+        deadline = time.monotonic() + STOP_WAIT_S + (grace or 0)
+        stopped: list[tuple[EdgeNode, threading.Event]] = []
+        errors: list[Exception] = []
+        for node in self.nodes:
+            try:
+                stopped.append((node, node.server.stop(grace)))
+            except Exception as exc:   # stop the others all the same; raised below
+                errors.append(exc)
+        for node, event in stopped:
+            node.finish(event, deadline)
+        if errors:
+            raise errors[0]

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from chain.private import private_dir
@@ -15,6 +18,15 @@ from node.process.edge import EdgeHost, EdgeNode
 from node.process.secure import OPEN_MODE_WARNING
 from node.process.supernode import SuperNode
 from node.security.pki import TlsCredentials
+
+log = logging.getLogger(__name__)
+
+# A stopping node leaves after this long at most, even in the middle of a round (SuperNode.stop lets the current
+# round finish: up to a minute); one its parent started (PARENT_ENV) sooner: the cluster kills what outlives its
+# own 10 s grace, and an orphan has nobody to kill it.
+STOP_LIMIT_S = 90.0
+CHILD_STOP_LIMIT_S = 10.0
+PARENT_POLL_S = 1.0   # how often a node started by a parent checks that it still lives
 
 
 def _advertise(cfg: Config) -> tuple[str, int | None]:
@@ -98,46 +110,101 @@ def write_ready(cfg: Config, node: SuperNode | EdgeNode | EdgeHost) -> None:
     os.replace(tmp, path)
 
 
-def die_with_parent() -> None:
-    """When started by a parent that asked (PARENT_ENV), get SIGTERM once it dies (Linux), and stop at once if it
-    already has."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not parent.isdigit():
+def expected_parent() -> int | None:
+    """The pid of the process that started this node and asked it to die with it (PARENT_ENV), if any."""
+    parent = os.environ.get(PARENT_ENV, "")
+    return int(parent) if parent.isdigit() else None
+
+
+def die_with_parent(stopping: threading.Event) -> None:
+    """When started by a parent that asked (PARENT_ENV), get SIGTERM once it dies (Linux), and exit at once if it
+    already has. A thread also polls the parent and sends the SIGTERM itself unless ``stopping`` is set, in case
+    the kernel request is unavailable or did not fire (it follows the parent thread that started us)."""
+    parent = expected_parent()
+    if parent is None:
         return
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):   # the parent died before the request took effect
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:   # PR_SET_PDEATHSIG
+            log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); polling the parent instead", ctypes.get_errno())
+    except (OSError, AttributeError) as exc:
+        log.warning("no prctl (%s); polling the parent instead", exc)
+    if os.getppid() != parent:   # the parent died before the request took effect: nothing started yet
+        print(f"the parent process {parent} is gone; not starting", file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent, stopping), name="parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent: int, stopping: threading.Event) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    if not stopping.is_set():
+        log.warning("the parent process %d is gone; stopping", parent)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_node(cfg: Config) -> int:
-    die_with_parent()
-    node = build_node(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    node.start()
-    write_ready(cfg, node)
-    role = "entry super node" if cfg.node_type == "SN" and cfg.is_entry else \
-        "super node" if cfg.node_type == "SN" else "edge node"
-    nodes = node.nodes if isinstance(node, EdgeHost) else [node]
-    for n in nodes:
-        print(f"{role} {n.key.node_id} serving on {n.address}", flush=True)
-    if nodes[0].security is None:
-        print(OPEN_MODE_WARNING.format(address=nodes[0].address), file=sys.stderr, flush=True)
-    elif isinstance(node, SuperNode) and node.join_port is not None:
-        print(f"secure mode: joins on port {node.join_port}; tokens in {Path(cfg.data_root).resolve()}/join-*.token, "
-              f"operator identity in {Path(cfg.data_root).resolve()}/admin", flush=True)
+def _exit_within(seconds: float, state: dict[str, bool]) -> None:
+    """Leave the process after ``seconds`` however far the stop got: a round, a retry or a non-daemon thread (a
+    gRPC handler still training) must not keep a stopped node alive."""
+    def expire() -> None:
+        time.sleep(seconds)
+        log.error("the node did not stop within %.0f s; exiting anyway", seconds)
+        sys.stderr.flush()
+        os._exit(0 if state["clean"] else 1)
+    threading.Thread(target=expire, name="stop-deadline", daemon=True).start()
+
+
+def _stop_steps(steps: list[tuple[str, Callable[[], object]]]) -> bool:
+    """Run every stop step, each in a ``finally`` of the one before, so that none is skipped; a failure is logged
+    in one line (the node still exits 0). True when all succeeded."""
+    if not steps:
+        return True
+    (what, step), ok = steps[0], False
     try:
+        step()
+        ok = True
+    except Exception as exc:
+        log.error("%s failed: %s: %s", what, type(exc).__name__, str(exc).replace("\n", " "))
+    finally:
+        ok = _stop_steps(steps[1:]) and ok
+    return ok
+
+
+def run_node(cfg: Config) -> int:
+    stop = threading.Event()
+    die_with_parent(stop)   # first: until the handlers below are set, SIGTERM ends the process at once
+    node = build_node(cfg)
+    state = {"clean": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:   # Ctrl-C twice: leave now
+            os._exit(128 + signum)
+        stop.set()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        node.start()
+        write_ready(cfg, node)
+        role = "entry super node" if cfg.node_type == "SN" and cfg.is_entry else \
+            "super node" if cfg.node_type == "SN" else "edge node"
+        nodes = node.nodes if isinstance(node, EdgeHost) else [node]
+        for n in nodes:
+            print(f"{role} {n.key.node_id} serving on {n.address}", flush=True)
+        if nodes[0].security is None:
+            print(OPEN_MODE_WARNING.format(address=nodes[0].address), file=sys.stderr, flush=True)
+        elif isinstance(node, SuperNode) and node.join_port is not None:
+            print(f"secure mode: joins on port {node.join_port}; tokens in {Path(cfg.data_root).resolve()}/"
+                  f"join-*.token, operator identity in {Path(cfg.data_root).resolve()}/admin", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
         print("stopping", flush=True)
-        node.stop()
+        _exit_within(STOP_LIMIT_S if expected_parent() is None else CHILD_STOP_LIMIT_S, state)
+        ready = Path(cfg.data_root) / READY_FILE
+        steps: list[tuple[str, Callable[[], object]]] = [("stopping the node", node.stop)]
         if isinstance(node, SuperNode):
-            node.ledger.close()
-        (Path(cfg.data_root) / READY_FILE).unlink(missing_ok=True)
+            steps.append(("closing the ledger", node.ledger.close))
+        steps.append((f"removing {ready}", lambda: ready.unlink(missing_ok=True)))
+        state["clean"] = _stop_steps(steps)
     return 0

@@ -2,20 +2,25 @@
 its membership loop, and (on the entry) the coordinator and its training jobs."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from chain.keys import node_id_for
+from chain.tensors import encode_weights
 from chain.verify import VerifyReport
 from config import Config
 from node.engine.coordinator import Coordinator
+from node.engine.election import ConsensusState, proposer_of, turn_after
 from node.engine.errors import BadRequestError, NetError, NotFoundError, PreconditionError
-from node.engine.jobs import Progress, TrainingJobs, TrainJob
+from node.engine.jobs import Progress, TrainingJobs, TrainJob, healthy_ledger
 from node.engine.membership import Member, Membership, SuperNodeRegistry, check_node_id
 from node.engine.supernode import SuperNodeCore
 from node.engine.sync import sync_from
@@ -25,9 +30,10 @@ from node.ledger import Ledger
 from node.process.admission import Admissions
 from node.rpc import transport
 from node.rpc.clients import AnyEdges, GrpcPeer, RegistryClient, RemoteEdges
+from node.rpc.options import Deadlines, deadlines_for, round_deadline
 from node.rpc.security import Authorizer
 from node.rpc.services import add_enrollment_service, add_supernode_services
-from node.run import RunContext
+from node.run import RunContext, model_name
 from node.security.pki import TlsCredentials
 from node.security.tokens import TokenStore
 
@@ -60,7 +66,10 @@ class SuperNode:
         self.heartbeat_interval = heartbeat_interval
         self.ctx = RunContext(cfg)
         self.registry = SuperNodeRegistry(heartbeat_interval, missed_beats) if entry is None else None
+        self.round_s = cfg.round_timeout_s or self._derived_round_s()
+        self.deadlines: Deadlines = deadlines_for(self.round_s)
         self.registry_client = RegistryClient(entry, security=self.security) if entry is not None else None
+        self._known: dict[str, MemberView] = {}   # the super nodes last listed by the entry (followers' peers)
         self.edges = Membership(heartbeat_interval, missed_beats, capacity=capacity, kind="edge node")
         self.edges.sample_limit = self._training_set_size
         self.server, self.port = transport.create_server(listen, services=SERVICES, security=self.security)
@@ -70,12 +79,15 @@ class SuperNode:
             self.join_port = self.server.add_insecure_port(join_listen or f"{listen.rpartition(':')[0]}:0")
             if self.join_port == 0:
                 raise OSError(f"cannot bind the join port {join_listen}; is it in use?")
-        self.core = SuperNodeCore(ledger, RemoteEdges(self.edges, self.security), upstream=self._entry_peer)
-        self.coordinator: Coordinator | None = None
-        self.jobs: TrainingJobs | None = None
-        if entry is None:
-            self.coordinator = Coordinator(self.ctx, self.core, self.peers, AnyEdges(self.security))
-            self.jobs = TrainingJobs(self.coordinator, cfg.rounds)
+        state_dir = ledger.checkpoint_path.parent if ledger.checkpoint_path is not None else None
+        self.core = SuperNodeCore(ledger, RemoteEdges(self.edges, self.security, self.deadlines),
+                                  upstream=self._upstream, state=ConsensusState(state_dir))
+        # Every validator can propose (node.engine.election): the entry from the start, another one when it
+        # takes over from a proposer that went silent with a training job unfinished.
+        self.coordinator: Coordinator = Coordinator(self.ctx, self.core, self.peers,
+                                                    AnyEdges(self.security, self.deadlines))
+        self.jobs: TrainingJobs = TrainingJobs(self.coordinator, cfg.rounds, retry_for=cfg.retry_for_s,
+                                               before_round=healthy_ledger(ledger))
         self._make_genesis = genesis and entry is None
         add_supernode_services(self.server, self.core, self.edges, self, self.registry,
                                authorize=self._authorizer())
@@ -85,7 +97,7 @@ class SuperNode:
         # The entry admits registering super nodes to the validator set by membership blocks, in the background;
         # not on a bare network (genesis false), whose blocks its tests make by hand.
         self.admissions = Admissions(self.coordinator, self.registry, self._peer_of, self._stop, heartbeat_interval) \
-            if self._make_genesis and self.coordinator is not None and self.registry is not None else None
+            if self._make_genesis and self.registry is not None else None
         self._thread = threading.Thread(target=self._membership_loop, name="sn-heartbeat", daemon=True)
         self._registered = False
 
@@ -112,10 +124,21 @@ class SuperNode:
         log.info("super node %s serving on %s (%s)", self.key.node_id, self.address,
                  "entry" if self.registry is not None else f"entry {self.entry}")
 
+    def _derived_round_s(self) -> float:
+        """The default round bound (options.round_deadline) from this run's model and data; 10 minutes when the
+        dataset cannot be loaded here."""
+        try:
+            share = len(self.ctx.dataset.train_y) // max(1, self.cfg.partition_count, self.cfg.clients)
+            size = len(encode_weights(self.ctx.genesis_weights()))
+        except Exception as exc:  # noqa: BLE001 - any failure to load just means no derived bound
+            log.warning("cannot derive the round deadline (%s); using 600 s (set --round-timeout)", exc)
+            return 600.0
+        return round_deadline(model_name(self.cfg), self.cfg.local_epochs, share, size)
+
     def stop(self, grace: float | None = 2.0) -> None:
         if self.jobs is not None:
             self.jobs.pause()
-            self.jobs.join(timeout=60)
+            self.jobs.join(timeout=self.round_s + 10)
         self._stop.set()
         self._thread.join(timeout=5)
         if self.admissions is not None:
@@ -135,15 +158,40 @@ class SuperNode:
         return self.registry_client.supernodes(include_dead)
 
     def peers(self) -> list[Peer]:
-        """The other live super nodes, as peers of a round."""
-        return [GrpcPeer(m.node_id, m.address, security=self.security)
-                for m in self.supernodes() if m.node_id != self.key.node_id]
+        """The other super nodes, as peers of a round: on the entry the live ones it registered; elsewhere those
+        the entry listed, or, while it cannot be reached, those it listed last (the entry among them)."""
+        if self.registry is not None:
+            members = self.supernodes()
+        else:
+            try:
+                self._remember(self.supernodes(include_dead=True))
+            except NetError as exc:
+                log.info("the entry cannot list the super nodes (%s); using the last list", exc)
+            members = list(self._known.values())
+        return [GrpcPeer(m.node_id, m.address, self.deadlines, security=self.security)
+                for m in members if m.node_id != self.key.node_id]
+
+    def _remember(self, members: list[MemberView]) -> None:
+        for member in members:
+            if member.node_id != self.key.node_id:
+                self._known[member.node_id] = member
 
     def _peer_of(self, member: Member) -> Peer:
-        return GrpcPeer(member.node_id, member.address, security=self.security)
+        return GrpcPeer(member.node_id, member.address, self.deadlines, security=self.security)
 
-    def _entry_peer(self) -> Peer | None:
-        return GrpcPeer("entry", self.entry, security=self.security) if self.entry is not None else None
+    def _upstream(self) -> Peer | None:
+        """Who to catch up from: the proposer of the view this node follows when it knows its address, else the
+        entry (None on the entry while it leads)."""
+        proposer = self.core.proposer()
+        if proposer is not None and proposer != self.key.node_id:
+            known = self._known.get(proposer)
+            if known is None and self.registry is not None:
+                known = next((m for m in self.supernodes() if m.node_id == proposer), None)
+            if known is not None:
+                return GrpcPeer(known.node_id, known.address, self.deadlines, security=self.security)
+        if self.entry is not None:
+            return GrpcPeer("entry", self.entry, self.deadlines, security=self.security)
+        return None
 
     def _own_edges(self, include_dead: bool) -> list[MemberView]:
         return [MemberView(m.node_id, m.public_key, m.address, "edge", alive, silent, self.key.node_id,
@@ -152,28 +200,44 @@ class SuperNode:
 
     def network_view(self) -> list[MemberView]:
         """getSN(): every super node the entry knows (dead ones too), each live one followed by its edge nodes (dead
-        ones too). A non-entry super node that cannot reach the entry lists itself and its own edges."""
+        ones too). A non-entry super node that cannot reach the entry lists the super nodes it knew. The super
+        nodes are asked in parallel with a short deadline; one that does not answer in time is listed with
+        ``unreachable`` set and no edge nodes, so one frozen super node never holds up the answer."""
         try:
             sns = self.supernodes(include_dead=True)
         except NetError as exc:
             log.warning("cannot list the super nodes at the entry: %s", exc)
-            sns = []
+            sns = list(self._known.values())
         if not any(m.node_id == self.key.node_id for m in sns):
             sns.append(MemberView(self.key.node_id, self.key.public_hex, self.address,
                                   "entry" if self.registry is not None else "supernode", True,
                                   load=len(self.edges), capacity=self.capacity))
+        quick = Deadlines(query=min(3.0, self.deadlines.query))
+        others = [sn for sn in sns if sn.alive and sn.node_id != self.key.node_id]
+        listed: dict[str, list[MemberView] | NetError] = {}
+        if others:
+            with ThreadPoolExecutor(max_workers=min(16, len(others)), thread_name_prefix="getSN") as pool:
+                jobs = {sn.node_id: pool.submit(GrpcPeer(sn.node_id, sn.address, quick, security=self.security)
+                                                .members, True) for sn in others}
+                for node_id, job in jobs.items():
+                    try:
+                        listed[node_id] = job.result()
+                    except NetError as exc:
+                        log.warning("cannot list the edge nodes of %s: %s", node_id, exc)
+                        listed[node_id] = exc
         view = []
         for sn in sns:
-            view.append(sn)
-            if not sn.alive:
-                continue
             if sn.node_id == self.key.node_id:
+                view.append(sn)
                 view += self._own_edges(include_dead=True)
                 continue
-            try:
-                view += GrpcPeer(sn.node_id, sn.address, security=self.security).members(include_dead=True)
-            except NetError as exc:
-                log.warning("cannot list the edge nodes of %s: %s", sn.node_id, exc)
+            answer = listed.get(sn.node_id)
+            if isinstance(answer, NetError):
+                view.append(dataclasses.replace(sn, unreachable=f"did not answer in {quick.query:.0f} s: "
+                                                                f"{answer.status or 'error'}"))
+                continue
+            view.append(sn)
+            view += answer or []
         return view
 
     # ---- AdminBackend ---------------------------------------------------------------------------------------
@@ -184,11 +248,11 @@ class SuperNode:
                           len(self.edges), len(self.registry) if self.registry is not None else 0,
                           bool(jobs and jobs.training), bool(jobs and jobs.pause_requested),
                           jobs.current_round if jobs else (head.round if head else 0),
-                          validators=tuple(sorted(node_id_for(k) for k in self.ledger.validators)))
+                          validators=tuple(sorted(node_id_for(k) for k in self.ledger.validators)),
+                          view=self.core.state.view, proposer=self.core.proposer() or "",
+                          ledger_error="" if self.ledger.healthy else self.ledger.health_reason)
 
     def _jobs(self, what: str) -> TrainingJobs:
-        if self.jobs is None:
-            raise PreconditionError(f"training runs on the entry super node ({self.entry}); {what} there")
         return self.jobs
 
     def start_training(self, rounds: int) -> tuple[TrainJob, bool]:
@@ -299,10 +363,13 @@ class SuperNode:
     # ---- membership -----------------------------------------------------------------------------------------
 
     def _membership_loop(self) -> None:
-        """Heartbeat (and register, and catch up) until stopped; no error ends it, each is logged."""
+        """Heartbeat (and register, and catch up), heal the ledger, and take over proposing when the proposer went
+        silent, until stopped; no error ends it, each is logged."""
         while not self._stop.is_set():
             try:
+                self._heal()
                 self._beat()
+                self._watch_proposer()
             except NotFoundError as exc:
                 log.warning("membership: %s; registering again", exc)
                 self._registered = False
@@ -312,11 +379,53 @@ class SuperNode:
                 log.exception("membership: heartbeat failed; retrying in %.1f s", self.heartbeat_interval)
             self._stop.wait(self.heartbeat_interval)
 
+    def _heal(self) -> None:
+        """While the ledger cannot write, say so on the health service (NOT_SERVING: rounds and blocks are refused
+        with the reason) and try the store again each beat; once it works, catch up and serve again."""
+        if self.ledger.healthy:
+            return
+        transport.set_serving(self.server, False)
+        if not self.ledger.heal():
+            log.warning("ledger store still failing: %s; this super node sits out of rounds until it works",
+                        self.ledger.health_reason)
+            return
+        transport.set_serving(self.server, True)
+        upstream = self._upstream()
+        if upstream is not None:
+            try:
+                added = self.core.catch_up(upstream)
+                log.info("ledger store works again: caught up %d block(s); back in rounds", added)
+            except NetError as exc:
+                log.warning("ledger store works again, but catching up failed: %s", exc)
+
+    def _watch_proposer(self) -> None:
+        """Take over proposing (election) when a training job is unfinished, this node can write, and the proposer
+        of the view it follows has been silent for one round deadline per turn this node comes after it; a
+        validator that itself proposes, or that no job concerns, does nothing."""
+        state, head = self.core.state, self.ledger.head
+        if self.jobs.training or head is None or state.target_round <= head.round or not self.ledger.healthy:
+            return
+        validators = self.ledger.validators
+        if self.key.public_hex not in validators:
+            return
+        turn = turn_after(self.key.public_hex, state.view, validators, self.ledger.authority)
+        silent = time.monotonic() - self.core.last_activity
+        if turn == 0 or silent < turn * self.round_s:
+            return
+        proposer = proposer_of(state.view, validators, self.ledger.authority)
+        log.warning("the proposer %s of view %d has been silent for %.0f s with rounds %d-%d to go; taking over",
+                    node_id_for(proposer) if proposer else "?", state.view, silent, head.round + 1,
+                    state.target_round)
+        self.core.heard()   # the next candidate waits a full deadline for this attempt
+        self.jobs.start(0, last_round=state.target_round)
+
     def _beat(self) -> None:
         if self.registry is not None:   # the entry records its own liveness and load directly
             self.registry.heartbeat(self.key.node_id, load=len(self.edges))
             if self.admissions is not None:
                 self.admissions.poll()
+            if self.core.proposer() not in (None, self.key.node_id):   # another validator proposes: follow it
+                self.core.catch_up()
             return
         client = self.registry_client
         assert client is not None and self.entry is not None
@@ -327,6 +436,8 @@ class SuperNode:
             # a late joiner catches up, verifying every block
             sync_from(self.ledger, GrpcPeer("entry", self.entry, security=self.security))
         client.heartbeat(self.key.node_id, load=len(self.edges))
-        if self.key.public_hex not in self.ledger.validators:   # no commits come here: follow the chain by syncing
-            self.core.catch_up()
+        self._remember(self.supernodes(include_dead=True))   # followers' peers, should the entry go away
+        # A node that is no validator gets no commits, and a validator whose vote was not needed for a majority
+        # gets none either: both follow the chain by syncing from the proposer.
+        self.core.catch_up()
 

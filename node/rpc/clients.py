@@ -15,6 +15,7 @@ import numpy as np
 from chain.block import Cosignature
 from chain.keys import NodeKey
 from fl.participant import EvalRes, FitIns, FitRes, Participant
+from node.engine.election import Promise, SupersededError
 from node.engine.errors import (
     BadRequestError,
     ForbiddenError,
@@ -41,6 +42,7 @@ from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
 from proto.fledger_pb2 import Height as HeightMsg
 from proto.fledger_pb2 import HeightRange as HeightRangeMsg
 from proto.fledger_pb2 import ListRequest as ListRequestMsg
+from proto.fledger_pb2 import PromiseRequest as PromiseRequestMsg
 from proto.fledger_pb2 import RemoveRequest as RemoveRequestMsg
 from proto.fledger_pb2 import RotateRequest as RotateRequestMsg
 from proto.fledger_pb2 import SaveRequest as SaveRequestMsg
@@ -66,7 +68,10 @@ def as_net_error(exc: grpc.RpcError, who: str) -> NetError:
     """A failed call as the engine error its status code stands for, its message naming the peer."""
     code = exc.code() if hasattr(exc, "code") else None
     kind = ERROR_FOR.get(code, UnavailableError) if code is not None else UnavailableError
-    error = kind(f"{who}: {transport.rpc_error_text(exc)}")
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    view = SupersededError.view_in(details or "") if kind is PreconditionError else None
+    error = SupersededError(f"{who}: {transport.rpc_error_text(exc)}", view) if view is not None \
+        else kind(f"{who}: {transport.rpc_error_text(exc)}")
     error.status = code.name if code is not None else "UNKNOWN"
     error.details = exc.details() if hasattr(exc, "details") else str(exc)
     return error
@@ -190,15 +195,16 @@ class RemoteEdges:
 
     concurrency = 0   # all at once: each trains in its own process
 
-    def __init__(self, table: Membership, security: TlsCredentials | None = None):
+    def __init__(self, table: Membership, security: TlsCredentials | None = None, deadlines: Deadlines = DEADLINES):
         self.table = table
         self.security = security
+        self.deadlines = deadlines   # fit and evaluate: a frozen edge node stalls a round at most this long
 
     def edges(self) -> list[EdgeRef]:
         return [EdgeRef(m.node_id, m.address, m.share, m.samples) for m in self.table.members()]
 
     def connect(self, edge: EdgeRef, base: Base) -> Participant:
-        return GrpcParticipant(edge.node_id, edge.address, base, security=self.security)
+        return GrpcParticipant(edge.node_id, edge.address, base, self.deadlines, security=self.security)
 
     def release(self, participant: Participant) -> None:
         if isinstance(participant, GrpcParticipant):
@@ -208,8 +214,8 @@ class RemoteEdges:
 class AnyEdges(RemoteEdges):
     """Any edge node of the network by its address (the proposer's personalised evaluation)."""
 
-    def __init__(self, security: TlsCredentials | None = None) -> None:
-        super().__init__(Membership(kind="edge node"), security)
+    def __init__(self, security: TlsCredentials | None = None, deadlines: Deadlines = DEADLINES) -> None:
+        super().__init__(Membership(kind="edge node"), security, deadlines)
 
 
 class GrpcPeer:
@@ -242,14 +248,24 @@ class GrpcPeer:
         return self._call(lambda stub: serde.read_partial(
             stub.AnnounceRound(msg, timeout=self.deadlines.round), max_bytes))
 
-    def cosign(self, data: BlockData) -> Cosignature:
-        reply = self._call(lambda stub: stub.ProposeBlock(serde.block_parts(data), timeout=self.deadlines.block))
+    def cosign(self, data: BlockData, view: int = 0) -> Cosignature:
+        reply = self._call(lambda stub: stub.ProposeBlock(serde.proposal_parts(data, view),
+                                                          timeout=self.deadlines.block))
         return serde.cosig_from_msg(reply)
 
     def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
         request = CommitRequestMsg(height=height, hash=block_hash,
                                    cosignatures=[serde.cosig_to_msg(c) for c in cosignatures])
         self._call(lambda stub: stub.CommitBlock(request, timeout=self.deadlines.block))
+
+    def promise(self, view: int, candidate: str) -> Promise:
+        request = PromiseRequestMsg(view=view, candidate_id=candidate)
+        return serde.promise_from_msg(self._call(lambda stub: stub.Promise(request, timeout=self.deadlines.query)))
+
+    def prepared_block(self) -> BlockData | None:
+        blocks = self._call(lambda stub: list(serde.read_blocks(stub.GetPrepared(EmptyMsg(),
+                                                                                 timeout=self.deadlines.block))))
+        return blocks[0] if blocks else None
 
     def head(self) -> ChainHead | None:
         return serde.head_from_msg(self._call(
@@ -407,15 +423,16 @@ class RoundLine:
     """One Train progress message as the console and the cluster command print it."""
 
     def __init__(self, round: int, height: int, block_hash: str, participants: int, failures: int,
-                 metrics: dict[str, float], timings: dict[str, float], message: str):
+                 metrics: dict[str, float], timings: dict[str, float], message: str, error: bool = False):
         self.round, self.height, self.block_hash = round, height, block_hash
+        self.error = error   # a note saying training stopped on an error
         self.participants, self.failures = participants, failures
         self.metrics, self.timings, self.message = metrics, timings, message
 
     @classmethod
     def from_msg(cls, msg: TrainProgressMsg) -> RoundLine:
         return cls(msg.round, msg.height, msg.block_hash, msg.participants, msg.failures, dict(msg.metrics),
-                   dict(msg.timings), msg.message)
+                   dict(msg.timings), msg.message, msg.error)
 
     @classmethod
     def of(cls, progress: Progress) -> RoundLine:

@@ -94,3 +94,27 @@ class Deadlines:
 
 
 DEADLINES = Deadlines()
+
+# What a round's default deadline assumes (``round_deadline``): an edge device this many times slower than a
+# desktop core per training sample, and a link this slow for its model transfers.
+SLOW_DEVICE_S_PER_SAMPLE = {"2nn": 0.0005, "cnn": 0.005, "cifar-cnn": 0.02}
+SLOW_LINK_BYTES_PER_S = 1_000_000
+MIN_ROUND_S = 60.0
+
+
+def round_deadline(model: str, local_epochs: int, samples_per_edge: int, model_bytes: int) -> float:
+    """The default bound on one round (``--round-timeout``), from the work it holds: local training of one edge
+    node's share on a slow device, the model's four transfers (down and up, edge and super node) on a slow link,
+    times three for contention, and never under MIN_ROUND_S."""
+    train_s = local_epochs * samples_per_edge * SLOW_DEVICE_S_PER_SAMPLE.get(model, 0.02)
+    transfer_s = 4 * model_bytes / SLOW_LINK_BYTES_PER_S
+    return max(MIN_ROUND_S, 3 * (train_s + transfer_s))
+
+
+def deadlines_for(round_s: float) -> Deadlines:
+    """Per-call deadlines that follow from a round's bound: a frozen edge node, super node or proposer stalls a
+    round at most ``round_s``; a block's co-signing and commit, and queries, get short bounds of their own."""
+    block = min(DEADLINES.block, max(15.0, round_s / 4))
+    return Deadlines(register=DEADLINES.register, heartbeat=DEADLINES.heartbeat, query=min(10.0, round_s),
+                     fit=round_s, evaluate=round_s, round=round_s, train=DEADLINES.train, block=block,
+                     sync=max(round_s, 120.0))

@@ -26,7 +26,8 @@ Context = Any   # grpc.ServicerContext
 NODES = ("entry", "supernode", "edge")          # every admitted node
 SUPER = ("entry", "supernode")                  # admitted super nodes, the entry among them
 
-# Who may call what. The proposer (the entry) alone announces rounds and proposes and commits blocks; only the
+# Who may call what. Super nodes announce rounds and propose and commit blocks (the one leading the view does:
+# node.engine.election; a super node that is no validator gets its blocks refused by every validator); only the
 # operator calls Admin; only super nodes reach an edge node's training and evaluation; only admitted nodes
 # register, heartbeat or read the chain. A method missing here is refused.
 RULES: dict[str, tuple[str, ...]] = {
@@ -36,9 +37,11 @@ RULES: dict[str, tuple[str, ...]] = {
     "/fledger.v1.Registry/Heartbeat": ("supernode",),
     "/fledger.v1.SuperNode/RegisterEdge": ("edge",),
     "/fledger.v1.SuperNode/EdgeHeartbeat": ("edge",),
-    "/fledger.v1.SuperNode/AnnounceRound": ("entry",),
-    "/fledger.v1.SuperNode/ProposeBlock": ("entry",),
-    "/fledger.v1.SuperNode/CommitBlock": ("entry",),
+    "/fledger.v1.SuperNode/AnnounceRound": SUPER,
+    "/fledger.v1.SuperNode/ProposeBlock": SUPER,
+    "/fledger.v1.SuperNode/CommitBlock": SUPER,
+    "/fledger.v1.SuperNode/Promise": SUPER,
+    "/fledger.v1.SuperNode/GetPrepared": SUPER,
     "/fledger.v1.SuperNode/GetHead": (*NODES, "admin"),
     "/fledger.v1.SuperNode/GetBlocks": SUPER,
     "/fledger.v1.SuperNode/GetModel": (*SUPER, "admin"),

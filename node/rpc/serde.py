@@ -2,6 +2,7 @@
 (BadRequestError naming what is wrong)."""
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -9,6 +10,7 @@ from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.encoding import is_hex_digest
 from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN
 from fl.participant import EvalRes, FitIns
+from node.engine.election import Promise
 from node.engine.errors import BadRequestError, clip
 from node.engine.membership import MAX_ADDRESS_CHARS, MAX_SAMPLES, Member, check_address, check_node_id
 from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Partial, Plan, Progress, RoundReport
@@ -38,6 +40,8 @@ from proto.fledger_pb2 import MemberEntry as MemberEntryMsg
 from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
 from proto.fledger_pb2 import PartialHeader as PartialHeaderMsg
 from proto.fledger_pb2 import PartialPart as PartialPartMsg
+from proto.fledger_pb2 import PromiseReply as PromiseReplyMsg
+from proto.fledger_pb2 import ProposalInfo as ProposalInfoMsg
 from proto.fledger_pb2 import RoundAnnouncement as RoundAnnouncementMsg
 from proto.fledger_pb2 import RoundPlan as RoundPlanMsg
 from proto.fledger_pb2 import SignedBlock as SignedBlockMsg
@@ -151,6 +155,8 @@ def read_blocks(parts: Iterable[BlockPartMsg], max_bytes: int = MAX_MODEL_BYTES)
             current[2].append(cosig_from_msg(part.cosignature))
         elif kind == "weights":
             current[3].add(part.weights)
+        elif kind == "info":
+            raise BadRequestError("a proposal's info comes first, before its block")
         else:
             raise BadRequestError("empty block stream message")
     if current is not None:
@@ -166,6 +172,40 @@ def _finish(block: SignedBlock, records: list[SignedRecord], cosigs: list[Cosign
     if assembler.expected_hash != header.model_hash:
         raise BadRequestError(f"block {header.height}: the weights sent are not the block's model")
     return BlockData(block, tuple(records), assembler.finish_blob(), tuple(cosigs))
+
+
+def proposal_parts(data: BlockData, view: int) -> Iterator[BlockPartMsg]:
+    """A ProposeBlock stream: the view it is proposed in, then the block."""
+    yield BlockPartMsg(info=ProposalInfoMsg(view=view))
+    yield from block_parts(data)
+
+
+def read_proposal(parts: Iterator[BlockPartMsg], max_bytes: int) -> tuple[BlockData, int]:
+    """(the one block, the view) of a ProposeBlock stream; a stream without the info first is view 0."""
+    first = next(parts, None)
+    view = 0
+    if first is not None and first.WhichOneof("part") == "info":
+        view = first.info.view
+    elif first is not None:
+        parts = itertools.chain([first], parts)
+    blocks = list(read_blocks(parts, max_bytes=max_bytes))
+    if len(blocks) != 1:
+        raise BadRequestError(f"ProposeBlock carries exactly one block, got {len(blocks)}")
+    return blocks[0], view
+
+
+def promise_to_msg(promise: Promise) -> PromiseReplyMsg:
+    msg = PromiseReplyMsg(view=promise.view, head=head_to_msg(promise.head), target_round=promise.target_round)
+    if promise.prepared is not None:
+        msg.has_prepared = True
+        msg.prepared_height, msg.prepared_hash, msg.prepared_view = promise.prepared
+    return msg
+
+
+def promise_from_msg(msg: PromiseReplyMsg) -> Promise:
+    prepared = (msg.prepared_height, _check_hash(msg.prepared_hash, "the prepared block's hash"),
+                msg.prepared_view) if msg.has_prepared else None
+    return Promise(msg.view, head_from_msg(msg.head), prepared, msg.target_round)
 
 
 def head_to_msg(head: ChainHead | None) -> HeadMsg:
@@ -210,7 +250,8 @@ def announcement_to_msg(ann: Announcement) -> RoundAnnouncementMsg:
                                 proposer_id=ann.proposer_id, participants=list(ann.participants),
                                 plan=RoundPlanMsg(algorithm=plan.algorithm, lr=plan.lr,
                                                   local_epochs=plan.local_epochs, batch_size=plan.batch_size,
-                                                  momentum=plan.momentum, seed=plan.seed))
+                                                  momentum=plan.momentum, seed=plan.seed),
+                                view=ann.view, target_round=ann.target_round)
 
 
 def announcement_from_msg(msg: RoundAnnouncementMsg) -> Announcement:
@@ -228,7 +269,8 @@ def announcement_from_msg(msg: RoundAnnouncementMsg) -> Announcement:
     if len(set(msg.participants)) != len(msg.participants):
         raise BadRequestError("the announcement lists an edge node twice")
     return Announcement(msg.round, msg.base_height, msg.base_model_hash, msg.proposer_id, tuple(msg.participants),
-                        Plan(plan.algorithm, plan.lr, plan.local_epochs, plan.batch_size, plan.momentum, plan.seed))
+                        Plan(plan.algorithm, plan.lr, plan.local_epochs, plan.batch_size, plan.momentum, plan.seed),
+                        msg.view, msg.target_round)
 
 
 def metrics_to_msg(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -318,7 +360,7 @@ def view_to_msg(view: MemberView) -> MemberEntryMsg:
     info = NodeInfoMsg(node_id=view.node_id, public_key=view.public_key, address=view.address,
                        capacity=view.capacity, samples=view.samples, partition_index=view.share)
     return MemberEntryMsg(info=info, load=view.load, alive=view.alive, role=view.role, parent_id=view.parent_id,
-                          silent_s=max(0.0, view.silent_s))
+                          silent_s=max(0.0, view.silent_s), unreachable=view.unreachable)
 
 
 def _check_info(info: NodeInfoMsg) -> None:
@@ -334,7 +376,8 @@ def view_from_msg(msg: MemberEntryMsg) -> MemberView:
     _check_info(info)
     return MemberView(info.node_id, info.public_key, info.address, msg.role, msg.alive, msg.silent_s,
                       msg.parent_id, msg.load, info.capacity, info.samples,
-                      info.partition_index if info.HasField("partition_index") else None)
+                      info.partition_index if info.HasField("partition_index") else None,
+                      clip(msg.unreachable, 200))
 
 
 def edge_ref_from_msg(msg: MemberEntryMsg) -> EdgeRef:
@@ -349,18 +392,20 @@ def edge_ref_from_msg(msg: MemberEntryMsg) -> EdgeRef:
 def status_to_msg(status: NodeStatus) -> StatusReplyMsg:
     return StatusReplyMsg(node_id=status.node_id, role=status.role, head=head_to_msg(status.head),
                           edges=status.edges, supernodes=status.supernodes, training=status.training,
-                          paused=status.paused, round=status.round, validators=list(status.validators))
+                          paused=status.paused, round=status.round, validators=list(status.validators),
+                          view=status.view, proposer=status.proposer, ledger_error=status.ledger_error)
 
 
 def status_from_msg(msg: StatusReplyMsg) -> NodeStatus:
     return NodeStatus(msg.node_id, msg.role, head_from_msg(msg.head), msg.edges, msg.supernodes, msg.training,
-                      msg.paused, msg.round, validators=tuple(msg.validators))
+                      msg.paused, msg.round, validators=tuple(msg.validators), view=msg.view,
+                      proposer=clip(msg.proposer, 40), ledger_error=clip(msg.ledger_error, 300))
 
 
 def progress_to_msg(progress: Progress) -> TrainProgressMsg:
     """A finished round, or a note about one."""
     if not isinstance(progress, RoundReport):
-        return TrainProgressMsg(round=progress.round, message=progress.message)
+        return TrainProgressMsg(round=progress.round, message=progress.message, error=progress.error)
     block = progress.block
     return TrainProgressMsg(round=progress.round, height=block.header.height, block_hash=block.hash,
                             participants=progress.participants, failures=len(progress.failures),

@@ -109,15 +109,24 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
     def ProposeBlock(self, request_iterator: Iterator[Any], context: Context) -> Any:
         head = self.core.head()   # a proposed block's model is the size of the head's, give or take its header
         limit = len(self.core.base().blob) + TRANSFER_SLACK_BYTES if head is not None else MAX_MODEL_BYTES
-        blocks = list(serde.read_blocks(request_iterator, max_bytes=limit))
-        if len(blocks) != 1:
-            raise BadRequestError(f"ProposeBlock carries exactly one block, got {len(blocks)}")
-        return serde.cosig_to_msg(self.core.cosign(blocks[0]))
+        data, view = serde.read_proposal(iter(request_iterator), limit)
+        return serde.cosig_to_msg(self.core.cosign(data, view))
 
     @transport.guarded
     def CommitBlock(self, request: Any, context: Context) -> CommitReplyMsg:
         self.core.commit(request.height, request.hash, [serde.cosig_from_msg(c) for c in request.cosignatures])
         return CommitReplyMsg()
+
+    @transport.guarded
+    def Promise(self, request: Any, context: Context) -> Any:
+        claim(context, request.candidate_id)
+        return serde.promise_to_msg(self.core.promise(request.view, request.candidate_id))
+
+    @transport.guarded_stream
+    def GetPrepared(self, request: Any, context: Context) -> Iterator[Any]:
+        data = self.core.prepared_block()
+        if data is not None:
+            yield from serde.block_parts(data)
 
     def GetHead(self, request: Any, context: Context) -> Any:
         return serde.head_to_msg(self.core.head())

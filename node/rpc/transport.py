@@ -84,9 +84,27 @@ def create_server(address: str, max_workers: int = MAX_WORKERS, services: Iterab
         raise OSError(f"cannot bind gRPC server to {address}; is the port in use?")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", *services):
+    names = ("", *services)
+    for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _HEALTH[server] = (health_servicer, names)
     return server, port
+
+
+# Each server's health servicer and the service names it reports, for ``set_serving``.
+_HEALTH: weakref.WeakKeyDictionary[grpc.Server, tuple[Any, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
+def set_serving(server: grpc.Server, serving: bool) -> None:
+    """Report every service of ``server`` as SERVING or NOT_SERVING on its grpc.health.v1 service (a super node
+    whose ledger cannot write is NOT_SERVING until it heals)."""
+    entry = _HEALTH.get(server)
+    if entry is None:
+        return
+    servicer, names = entry
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in names:
+        servicer.set(name, status)
 
 
 def open_channel(address: str, security: TlsCredentials | None = None) -> grpc.Channel:
