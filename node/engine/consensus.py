@@ -35,12 +35,13 @@ T = TypeVar("T")
 
 
 def ask_all(peers: Sequence[Peer], call: Callable[[Peer], T], what: str, concurrent: bool = True, *,
-            enough: int | None = None,
-            raised: dict[str, NetError | OSError] | None = None) -> tuple[dict[str, T], list[tuple[str, str]]]:
+            enough: int | None = None, raised: dict[str, NetError | OSError] | None = None,
+            level: int = logging.WARNING) -> tuple[dict[str, T], list[tuple[str, str]]]:
     """``call`` on every peer, in parallel when ``concurrent`` (remote peers), else one after the other on this
     thread (in-process peers: torch then runs on one thread, which two OpenMP teams on a small machine slow down
     by about a quarter). Returns (answers by peer id, failures as (peer id, reason)); a peer that refuses or
-    cannot be reached is a failure, never an exception (``raised``, when given, receives each such error).
+    cannot be reached is a failure, never an exception (``raised``, when given, receives each such error; each is
+    logged at ``level``).
 
     With ``enough``, returns as soon as that many peers answered: the others' calls go on in the background
     (each bounded by its deadline) and count neither as answers nor as failures."""
@@ -52,7 +53,7 @@ def ask_all(peers: Sequence[Peer], call: Callable[[Peer], T], what: str, concurr
             answers[node_id] = result()
         except (NetError, OSError) as exc:
             failures.append((node_id, f"super node failed to {what}: {exc}"))
-            log.warning("super node %s failed to %s: %s", node_id, what, exc)
+            log.log(level, "super node %s failed to %s: %s", node_id, what, exc)
             if raised is not None:
                 raised[node_id] = exc
 

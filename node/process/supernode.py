@@ -17,6 +17,7 @@ from chain.keys import node_id_for
 from chain.tensors import encode_weights
 from chain.verify import VerifyReport
 from config import Config
+from node.engine.consensus import ask_all
 from node.engine.coordinator import Coordinator
 from node.engine.election import ConsensusState, proposer_of, turn_after
 from node.engine.errors import BadRequestError, NetError, NotFoundError, PreconditionError
@@ -419,13 +420,29 @@ class SuperNode:
         self.core.heard()   # the next candidate waits a full deadline for this attempt
         self.jobs.start(0, last_round=state.target_round)
 
+    def _follow(self) -> None:
+        """Unless this node is proposing, catch up with the highest head among the other super nodes: a node that
+        is no validator gets no commits, a validator whose vote was not needed for a majority gets none either,
+        and a node back from a crash may have missed blocks proposed by another validator meanwhile."""
+        if self.jobs.training:
+            return
+        peers = self.peers()
+        quick = Deadlines(query=min(3.0, self.deadlines.query))
+        heads, _ = ask_all([GrpcPeer(p.node_id, p.address, quick, security=self.security)  # type: ignore[attr-defined]
+                            for p in peers], lambda peer: peer.head(), "report its head", level=logging.DEBUG)
+        head = self.ledger.head
+        ahead = [(h.height, node_id) for node_id, h in heads.items()
+                 if h is not None and (head is None or h.height > head.height)]
+        if ahead:
+            best = max(ahead)[1]
+            self.core.catch_up(next(p for p in peers if p.node_id == best))
+
     def _beat(self) -> None:
         if self.registry is not None:   # the entry records its own liveness and load directly
             self.registry.heartbeat(self.key.node_id, load=len(self.edges))
             if self.admissions is not None:
                 self.admissions.poll()
-            if self.core.proposer() not in (None, self.key.node_id):   # another validator proposes: follow it
-                self.core.catch_up()
+            self._follow()
             return
         client = self.registry_client
         assert client is not None and self.entry is not None
@@ -437,7 +454,5 @@ class SuperNode:
             sync_from(self.ledger, GrpcPeer("entry", self.entry, security=self.security))
         client.heartbeat(self.key.node_id, load=len(self.edges))
         self._remember(self.supernodes(include_dead=True))   # followers' peers, should the entry go away
-        # A node that is no validator gets no commits, and a validator whose vote was not needed for a majority
-        # gets none either: both follow the chain by syncing from the proposer.
-        self.core.catch_up()
+        self._follow()
 

@@ -27,6 +27,7 @@ from node.run import RunContext, configure_torch, edge_cores, model_name
 from node.sim.plot import svg_chart
 from storage.engine import sibling_url
 from storage.store import LedgerStore
+from storage.writer import WriterFailed
 
 
 class ResumeMismatch(ValueError):
@@ -174,6 +175,10 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
             emit(_round_line(report, cfg.rounds))
         for sn in sim.supernodes:
             sn.ledger.flush()
+            if not sn.ledger.healthy:   # a block the simulator did not wait for failed to write
+                raise WriterFailed(f"the ledger of super node {sn.node_id} failed to write: "
+                                   f"{sn.ledger.health_reason}; its durable head is "
+                                   f"{sn.ledger.durable_head.height if sn.ledger.durable_head else 'empty'}")
         head = ledger.head
         assert head is not None
         result = {"rounds": head.round, "rounds_run": len(rows),
