@@ -364,20 +364,31 @@ class SuperNode:
     # ---- membership -----------------------------------------------------------------------------------------
 
     def _membership_loop(self) -> None:
-        """Heartbeat (and register, and catch up), heal the ledger, and take over proposing when the proposer went
-        silent, until stopped; no error ends it, each is logged."""
+        """Heal the ledger, heartbeat (and register, and catch up), and take over proposing when the proposer went
+        silent, until stopped; each step runs whatever the others did, no error ends the loop, and a failure is
+        logged once while it repeats (then at DEBUG)."""
+        repeated: dict[str, str] = {}
         while not self._stop.is_set():
-            try:
-                self._heal()
-                self._beat()
-                self._watch_proposer()
-            except NotFoundError as exc:
-                log.warning("membership: %s; registering again", exc)
-                self._registered = False
-            except NetError as exc:
-                log.warning("membership: %s", exc)
-            except Exception:   # a storage failure during catch-up, or a bug: log it, keep heartbeating
-                log.exception("membership: heartbeat failed; retrying in %.1f s", self.heartbeat_interval)
+            for step in (self._heal, self._beat, self._watch_proposer):
+                name = step.__name__
+                try:
+                    step()
+                    if repeated.pop(name, None) is not None:
+                        log.info("membership: %s works again", name.strip("_"))
+                    continue
+                except NotFoundError as exc:
+                    self._registered = False
+                    message = f"{exc}; registering again"
+                except NetError as exc:
+                    message = str(exc)
+                except Exception as exc:   # a storage failure during catch-up, or a bug: keep heartbeating
+                    log.exception("membership: %s failed; retrying in %.1f s", name.strip("_"),
+                                  self.heartbeat_interval)
+                    repeated[name] = str(exc)
+                    continue
+                level = logging.DEBUG if repeated.get(name) == message else logging.WARNING
+                log.log(level, "membership: %s", message)
+                repeated[name] = message
             self._stop.wait(self.heartbeat_interval)
 
     def _heal(self) -> None:
