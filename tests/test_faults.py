@@ -60,6 +60,8 @@ def test_crashes_of_an_edge_host_a_validator_and_the_entry(net3: FaultNet) -> No
         time.sleep(0.5)   # up to the job's target round, without anyone re-issuing train
         heads = [net.head(n) for n in ("sn1", "sn2")]
     assert all(h is not None and h[0] == HEIGHT for h in heads), heads
+    # The entry's edge node registered through another validator: the last round has both live edge nodes.
+    assert net.chain("sn1")[-1][3] == 2
 
     net.start_sn("sn0")   # the old entry returns, syncs and follows
     net.wait_equal(90)

@@ -133,13 +133,13 @@ class TrainingJobs:
                     now = time.monotonic()
                     failing_since = now if failing_since is None else failing_since
                     if now - failing_since + delay > self.retry_for:
-                        log.error("round %d failed: %s", rnd, exc)
+                        log.error("%s", _failed(rnd, exc))
                         tried = f"; training stopped after {now - failing_since:.0f} s of failures" \
                             if self.retry_for else ""
-                        self._note(job, Note(rnd, f"round {rnd} failed: {exc}{tried}", error=True))
+                        self._note(job, Note(rnd, f"{_failed(rnd, exc)}{tried}", error=True))
                         break
-                    log.warning("round %d failed: %s; retrying in %.0f s", rnd, exc, delay)
-                    self._note(job, Note(rnd, f"round {rnd} failed: {exc}; retrying in {delay:.0f} s"))
+                    log.warning("%s; retrying in %.0f s", _failed(rnd, exc), delay)
+                    self._note(job, Note(rnd, f"{_failed(rnd, exc)}; retrying in {delay:.0f} s"))
                     with self._cond:
                         self._cond.wait_for(lambda: self.pause_requested, timeout=delay)
                     delay = min(delay * 2, 30.0)
@@ -167,3 +167,8 @@ def healthy_ledger(ledger: Ledger) -> Callable[[], None]:
         if not ledger.healthy and not ledger.heal():
             raise UnavailableError(f"this node's ledger cannot write: {ledger.health_reason}")
     return check
+
+
+def _failed(rnd: int, exc: BaseException) -> str:
+    """"round N failed: why" (a RoundFailed says so itself)."""
+    return str(exc) if isinstance(exc, RoundFailed) else f"round {rnd} failed: {exc}"

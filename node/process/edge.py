@@ -39,6 +39,7 @@ class EdgeNode:
         add_edge_service(self.server, core, self.info, authorize=Authorizer() if security is not None else None)
         self.registry = RegistryClient(entry, security=security)
         self.supernode: str | None = None   # address of the super node this edge node is registered with
+        self.known: list[str] = []          # the other super nodes' addresses, as the entry last listed them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._membership_loop, name="en-heartbeat", daemon=True)
 
@@ -63,14 +64,35 @@ class EdgeNode:
             log.warning("edge node %s: the server did not stop in time", self.key.node_id)
 
     def join(self) -> str:
-        """Ask the entry for a super node, then register there; return its address (raises NetError)."""
-        assigned = self.registry.assign(self.info)
+        """Ask the entry for a super node, then register there; return its address (raises NetError). While the
+        entry cannot be reached, ask the other super nodes it listed before: any of them takes the edge node."""
+        try:
+            assigned = self.registry.assign(self.info)
+        except UnavailableError as exc:
+            assigned = self._assign_elsewhere(exc)
+        else:
+            self._learn_supernodes()
         interval = self.registry.register_edge(assigned.address, self.info)
         if interval > 0:
             self.heartbeat_interval = interval
         self.supernode = assigned.address
         log.info("joined super node %s at %s", assigned.node_id, self.supernode)
         return self.supernode
+
+    def _learn_supernodes(self) -> None:
+        """Remember the super nodes the entry lists, to register through one of them should the entry go away."""
+        try:
+            self.known = [m.address for m in self.registry.supernodes() if m.address != self.entry]
+        except NetError as exc:
+            log.debug("cannot list the super nodes: %s", exc)
+
+    def _assign_elsewhere(self, cause: UnavailableError) -> MemberView:
+        for address in self.known:
+            try:
+                return RegistryClient(address, security=self.security).assign(self.info)
+            except NetError as exc:
+                log.debug("super node %s cannot take this edge node: %s", address, exc)
+        raise cause
 
     def _membership_loop(self) -> None:
         while not self._stop.is_set():

@@ -33,7 +33,7 @@ from node.rpc import transport
 from node.rpc.clients import AnyEdges, GrpcPeer, RegistryClient, RemoteEdges
 from node.rpc.options import Deadlines, deadlines_for, round_deadline
 from node.rpc.security import Authorizer
-from node.rpc.services import add_enrollment_service, add_supernode_services
+from node.rpc.services import LocalRegistryServicer, add_enrollment_service, add_supernode_services
 from node.run import RunContext, model_name
 from node.security.pki import TlsCredentials
 from node.security.tokens import TokenStore
@@ -90,8 +90,9 @@ class SuperNode:
         self.jobs: TrainingJobs = TrainingJobs(self.coordinator, cfg.rounds, retry_for=cfg.retry_for_s,
                                                before_round=healthy_ledger(ledger))
         self._make_genesis = genesis and entry is None
-        add_supernode_services(self.server, self.core, self.edges, self, self.registry,
-                               authorize=self._authorizer())
+        registry = self.registry if self.registry is not None else LocalRegistryServicer(
+            self.core, self.edges, self._me, lambda: list(self._known.values()), entry or "")
+        add_supernode_services(self.server, self.core, self.edges, self, registry, authorize=self._authorizer())
         if entry_security is not None:
             add_enrollment_service(self.server, entry_security.enroller, authorize=entry_security.authorizer)
         self._stop = threading.Event()
@@ -171,6 +172,11 @@ class SuperNode:
             members = list(self._known.values())
         return [GrpcPeer(m.node_id, m.address, self.deadlines, security=self.security)
                 for m in members if m.node_id != self.key.node_id]
+
+    def _me(self) -> MemberView:
+        return MemberView(self.key.node_id, self.key.public_hex, self.address,
+                          "entry" if self.registry is not None else "supernode", True, load=len(self.edges),
+                          capacity=self.capacity)
 
     def _remember(self, members: list[MemberView]) -> None:
         for member in members:
@@ -425,9 +431,13 @@ class SuperNode:
         if turn == 0 or silent < turn * self.round_s:
             return
         proposer = proposer_of(state.view, validators, self.ledger.authority)
+        proposer_id = node_id_for(proposer) if proposer else "?"
+        if self._answers(proposer_id):   # alive and answering: its rounds fail, or wait; taking over won't help
+            log.debug("the proposer %s answers; not taking over", proposer_id)
+            self.core.heard()
+            return
         log.warning("the proposer %s of view %d has been silent for %.0f s with rounds %d-%d to go; taking over",
-                    node_id_for(proposer) if proposer else "?", state.view, silent, head.round + 1,
-                    state.target_round)
+                    proposer_id, state.view, silent, head.round + 1, state.target_round)
         self.core.heard()   # the next candidate waits a full deadline for this attempt
         self.jobs.start(0, last_round=state.target_round)
 
@@ -447,6 +457,20 @@ class SuperNode:
         if ahead:
             best = max(ahead)[1]
             self.core.catch_up(next(p for p in peers if p.node_id == best))
+
+    def _answers(self, node_id: str) -> bool:
+        """Whether super node ``node_id`` answers a head query within a few seconds (a dead or frozen one does
+        not)."""
+        known = self._known.get(node_id)
+        if known is None and self.registry is not None:
+            known = next((m for m in self.supernodes() if m.node_id == node_id), None)
+        if known is None:
+            return False
+        try:
+            GrpcPeer(node_id, known.address, Deadlines(query=3.0), security=self.security).head()
+        except NetError:
+            return False
+        return True
 
     def _beat(self) -> None:
         if self.registry is not None:   # the entry records its own liveness and load directly

@@ -3,12 +3,12 @@ errors become status codes through ``transport.guarded``. No servicer holds stat
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 from chain.tensors import encode_weights
 from node.engine.edge import EdgeCore
-from node.engine.errors import BadRequestError, UnauthenticatedError
+from node.engine.errors import BadRequestError, NoCapacityError, UnauthenticatedError, UnavailableError
 from node.engine.membership import Membership, SuperNodeRegistry
 from node.engine.supernode import SuperNodeCore
 from node.engine.views import AdminBackend, MemberView
@@ -74,6 +74,38 @@ class RegistryServicer(fledger_pb2_grpc.RegistryServicer):
         claim(context, request.node_id)
         self.registry.heartbeat(request.node_id, load=request.load)
         return HeartbeatReplyMsg()
+
+
+class LocalRegistryServicer(fledger_pb2_grpc.RegistryServicer):
+    """The Registry of a super node that is not the entry: while the entry is unreachable, an edge node can register
+    through any validator. It assigns edge nodes to itself (room permitting) and lists the super nodes it knows;
+    super nodes register and heartbeat at the entry only."""
+
+    def __init__(self, core: SuperNodeCore, edges: Membership, me: Callable[[], MemberView],
+                 known: Callable[[], list[MemberView]], entry: str):
+        self.core, self.edges, self.me, self.known, self.entry = core, edges, me, known, entry
+
+    def _not_here(self) -> NoReturn:
+        raise UnavailableError(f"super nodes register at the entry ({self.entry}), not here")
+
+    @transport.guarded
+    def RegisterSuperNode(self, request: NodeInfoMsg, context: Context) -> RegisterReplyMsg:
+        self._not_here()
+
+    @transport.guarded
+    def Heartbeat(self, request: Any, context: Context) -> HeartbeatReplyMsg:
+        self._not_here()
+
+    def ListSuperNodes(self, request: Any, context: Context) -> MemberListMsg:
+        return MemberListMsg(members=[serde.view_to_msg(v) for v in [self.me(), *self.known()]
+                                      if v.alive or request.include_dead])
+
+    @transport.guarded
+    def AssignSuperNode(self, request: NodeInfoMsg, context: Context) -> Any:
+        claim(context, request.node_id, request.public_key)
+        if self.edges.capacity and len(self.edges) >= self.edges.capacity:
+            raise NoCapacityError(f"super node {self.core.node_id} is full ({self.edges.capacity} edge nodes)")
+        return serde.view_to_msg(self.me())
 
 
 class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
@@ -271,15 +303,17 @@ def _weights_only(requests: Iterator[Any]) -> Iterator[WeightsChunkMsg]:
 
 
 def add_supernode_services(server: Any, core: SuperNodeCore, edges: Membership, admin: AdminBackend,
-                           registry: SuperNodeRegistry | None = None,
+                           registry: SuperNodeRegistry | LocalRegistryServicer | None = None,
                            authorize: transport.Authorize | None = None) -> None:
-    """Serve a super node: SuperNode and Admin, and Registry when it is the entry (requests parsed, peers limited
-    and ``authorize`` called per call by ``transport.add_service``)."""
+    """Serve a super node: SuperNode and Admin, and Registry: the entry's registry, or a non-entry super node's
+    ``LocalRegistryServicer`` (requests parsed, peers limited and ``authorize`` called per call by
+    ``transport.add_service``)."""
     transport.add_service(server, "fledger.v1.SuperNode", SuperNodeServicer(core, edges), authorize=authorize)
     transport.add_service(server, "fledger.v1.Admin", AdminServicer(admin), authorize=authorize)
     if registry is not None:
-        transport.add_service(server, "fledger.v1.Registry", RegistryServicer(registry, core.node_id),
-                              authorize=authorize)
+        servicer = registry if isinstance(registry, LocalRegistryServicer) else RegistryServicer(registry,
+                                                                                                   core.node_id)
+        transport.add_service(server, "fledger.v1.Registry", servicer, authorize=authorize)
 
 
 def add_edge_service(server: Any, core: EdgeCore, info: MemberView,

@@ -35,6 +35,7 @@ from node.rpc.options import (
 from node.security.pki import TlsCredentials
 from proto import fledger_pb2
 from proto.fledger_pb2 import WeightsChunk as WeightsChunkMsg
+from storage.writer import describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ def answer_error(context: grpc.ServicerContext, method: str, exc: Exception) -> 
     if status_for(exc) is not None:
         log.info("%s refused: %s", method, clip(exc, LOG_TEXT_LIMIT))
         abort_for(context, exc)
+    if is_transient(exc):   # this node's store (or disk) failed under the call: it may work again soon
+        log.warning("%s failed: this node's store is unavailable: %s", method, describe(exc))
+        context.abort(grpc.StatusCode.UNAVAILABLE, clip(f"this node's ledger store is unavailable: {describe(exc)}",
+                                                        LOG_TEXT_LIMIT))
     if isinstance(exc, NotImplementedError):   # a method the servicer leaves to its generated base class
         log.info("%s refused: not implemented here", method)
         context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this node")
