@@ -121,8 +121,12 @@ def cmd_status(con: Session) -> bool:
                                              else "")
     con.say(f"members   {members}")
     con.say(f"validators {len(st.validators)}: {', '.join(st.validators) or 'none (empty chain)'}")
+    if st.proposer:
+        con.say(f"proposer  {st.proposer} (view {st.view})" + ("  this node" if st.proposer == st.node_id else ""))
     state = "paused" if st.paused else ("running" if st.training else "idle")
     con.say(f"training  {state}")
+    con.say(f"ledger    {'CANNOT WRITE: ' + st.ledger_error if st.ledger_error else 'ok'} "
+            "(the head above is durable)")
     return True
 
 
@@ -226,7 +230,9 @@ def cmd_get_sn(con: Session) -> bool:
         note = ", ".join(x for x in (sn.role, "validator" if sn.node_id in validators else "",
                                      "this node" if sn.node_id == st.node_id else "") if x)
         rows.append(["SN", sn.node_id, sn.address, _liveness(sn), f"{sn.load}/{sn.capacity or 'inf'}", note])
-        if sn.alive and sn.node_id not in edges:
+        if sn.unreachable:
+            rows.append(["  EN", "-", "-", "-", "-", f"edge nodes unknown: {sn.unreachable}"])
+        elif sn.alive and sn.node_id not in edges:
             note = "no edge nodes" if sn.load == 0 else "edge nodes unknown: super node unreachable"
             rows.append(["  EN", "-", "-", "-", "-", note])
         for e in edges.pop(sn.node_id, []):

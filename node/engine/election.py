@@ -129,6 +129,7 @@ class ConsensusState:
         self._lock = threading.Lock()
         self.view = 0
         self.target_round = 0
+        self.plan: dict[str, object] = {}   # the training job's plan (engine.types.Plan fields), as announced
         self._prepared: Prepared | None = None
         if folder is not None:
             self._load(folder)
@@ -145,10 +146,14 @@ class ConsensusState:
                 self.view = view
                 self._save()
 
-    def set_target(self, target_round: int) -> None:
+    def set_target(self, target_round: int, plan: dict[str, object] | None = None) -> None:
+        """Record the training job: its last round and (from an announcement) its plan, so that a validator that
+        takes over continues the same job with the same settings."""
         with self._lock:
-            if target_round != self.target_round:
+            if target_round != self.target_round or (plan is not None and plan != self.plan):
                 self.target_round = target_round
+                if plan is not None:
+                    self.plan = dict(plan)
                 self._save()
 
     # ---- the prepared block ---------------------------------------------------------------------------------
@@ -196,13 +201,14 @@ class ConsensusState:
 
     def _save(self) -> None:
         if self.folder is not None:
-            write_private(self.folder / STATE_FILE,
-                          json.dumps({"view": self.view, "target_round": self.target_round}).encode())
+            write_private(self.folder / STATE_FILE, json.dumps(
+                {"view": self.view, "target_round": self.target_round, "plan": self.plan}).encode())
 
     def _load(self, folder: Path) -> None:
         try:
             state = json.loads((folder / STATE_FILE).read_text())
             self.view, self.target_round = int(state["view"]), int(state["target_round"])
+            self.plan = dict(state.get("plan") or {})
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -3,6 +3,7 @@ of an announced round, verifies and co-signs proposed blocks, stores committed o
 the in-process Peer; the gRPC service is a thin wrapper around it."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -74,7 +75,7 @@ class SuperNodeCore:
         self.check_healthy()
         self.heard()
         if announcement.target_round:
-            self.state.set_target(announcement.target_round)
+            self.state.set_target(announcement.target_round, dataclasses.asdict(announcement.plan))
         if not self._round_lock.acquire(blocking=False):
             raise PreconditionError(f"round {round} refused: this super node is already training a round")
         try:

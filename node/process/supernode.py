@@ -25,7 +25,7 @@ from node.engine.jobs import Progress, TrainingJobs, TrainJob, healthy_ledger
 from node.engine.membership import Member, Membership, SuperNodeRegistry, check_node_id
 from node.engine.supernode import SuperNodeCore
 from node.engine.sync import sync_from
-from node.engine.types import Base, MembershipResult, Peer
+from node.engine.types import Base, MembershipResult, Peer, Plan
 from node.engine.views import BlockView, EdgeEval, EvalReport, MemberView, NodeStatus
 from node.ledger import Ledger
 from node.process.admission import Admissions
@@ -430,6 +430,12 @@ class SuperNode:
         silent = time.monotonic() - self.core.last_activity
         if turn == 0 or silent < turn * self.round_s:
             return
+        own = dataclasses.asdict(Plan.of(self.ctx.strategy))
+        if state.plan and state.plan != own:
+            differ = ", ".join(f"{k} {state.plan.get(k)!r} here {v!r}" for k, v in own.items()
+                               if state.plan.get(k) != v)
+            raise PreconditionError(f"cannot take over the training job: its settings differ from this node's "
+                                    f"({differ}); restart this node with the job's settings")
         proposer = proposer_of(state.view, validators, self.ledger.authority)
         proposer_id = node_id_for(proposer) if proposer else "?"
         if self._answers(proposer_id):   # alive and answering: its rounds fail, or wait; taking over won't help
