@@ -32,31 +32,43 @@ from privatedb import PrivateMariaDB  # noqa: E402
 OUTAGE_S = 30.0
 
 
-def clean_round_s(net: FaultNet, since: float, until: float) -> float:
+def warm_up(net: FaultNet, first: int, rounds: int = 5) -> float:
+    """Start a long training run, wait for height ``first``, and return the median round of the next ``rounds``
+    (the time between consecutive new heights), the baseline of the same run."""
+    net.train(200)
+    net.wait_height(first, 120)
+    since = time.monotonic()
+    net.wait_height(net.height() + rounds, 60)
+    return rounds_s(net, since, time.monotonic())
+
+
+def rounds_s(net: FaultNet, since: float, until: float) -> float:
     """The median time between consecutive new heights in [since, until]."""
     times = [at for at, _ in net.heights if since <= at <= until]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     return statistics.median(gaps) if gaps else float("nan")
 
 
+def next_block(net: FaultNet, height: int, after: float, timeout: float, what: str) -> float:
+    """When the first block above ``height`` appeared more than half a second after ``after`` (one already on its
+    way when the fault began does not count)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        later = [at for at, h in net.heights if h > height and at > after + 0.5]
+        if later:
+            return later[0]
+        time.sleep(0.2)
+    raise RuntimeError(f"no block after {what}")
+
+
 def takeover(root: Path) -> dict[str, float]:
     net = FaultNet(root, supernodes=3)
     try:
-        net.train(200)
-        net.wait_height(6, 120)
-        start = time.monotonic()
-        net.wait_height(net.height() + 3, 60)
-        clean = clean_round_s(net, start, time.monotonic())
-        before = net.height()
-        killed = time.monotonic()
+        clean = warm_up(net, 6)
+        before, killed = net.height(), time.monotonic()
         net.signal("sn0", signal.SIGKILL)
-        deadline = killed + 4 * ROUND_TIMEOUT + 60
-        while time.monotonic() < deadline:   # a block already on its way when the entry died does not count
-            later = [at for at, h in net.heights if h > before and at > killed + 0.5]
-            if later:
-                return {"kill_to_next_block_s": later[0] - killed, "clean_round_s": clean}
-            time.sleep(0.2)
-        raise RuntimeError("no block after the proposer was killed")
+        at = next_block(net, before, killed, 4 * ROUND_TIMEOUT + 60, "the proposer was killed")
+        return {"kill_to_next_block_s": at - killed, "clean_round_s": clean}
     finally:
         net.close()
 
@@ -64,16 +76,12 @@ def takeover(root: Path) -> dict[str, float]:
 def frozen(root: Path) -> dict[str, float]:
     net = FaultNet(root, supernodes=3)
     try:
-        net.train(200)
-        net.wait_height(6, 120)
-        start = time.monotonic()
-        net.wait_height(net.height() + 5, 60)
-        clean = clean_round_s(net, start, time.monotonic())
+        clean = warm_up(net, 6)
         stopped = time.monotonic()
         net.signal("sn2", signal.SIGSTOP)
         time.sleep(ROUND_TIMEOUT + 8)
         stall = net.longest_stall(stopped, time.monotonic())
-        during = clean_round_s(net, stopped + stall + 1, time.monotonic())
+        during = rounds_s(net, stopped + stall + 1, time.monotonic())
         net.signal("sn2", signal.SIGCONT)
         return {"clean_round_s": clean, "stall_s": stall, "round_while_frozen_s": during}
     finally:
@@ -84,24 +92,13 @@ def db_outage(root: Path, db: PrivateMariaDB) -> dict[str, float]:
     prefix = f"bench_faults_{int(time.time() * 1000) % 10**9}"
     net = FaultNet(root, supernodes=2, db=lambda name: db.url(f"{prefix}_{name}"))
     try:
-        net.train(200)
-        net.wait_height(5, 120)
-        start = time.monotonic()
-        net.wait_height(net.height() + 5, 60)
-        clean = clean_round_s(net, start, time.monotonic())
-        height = net.height()
-        down = time.monotonic()
+        clean = warm_up(net, 5)
+        height, down = net.height(), time.monotonic()
         db.kill()
         time.sleep(OUTAGE_S)
         db.restart()
-        deadline = time.monotonic() + 6 * ROUND_TIMEOUT + 120
-        while time.monotonic() < deadline:
-            later = [at for at, h in net.heights if h > height and at > down + 0.5]
-            if later:
-                return {"clean_round_s": clean, "outage_s": OUTAGE_S,
-                        "first_block_after_outage_start_s": later[0] - down}
-            time.sleep(0.2)
-        raise RuntimeError("no block after the database came back")
+        at = next_block(net, height, down, 6 * ROUND_TIMEOUT + 120, "the database came back")
+        return {"clean_round_s": clean, "outage_s": OUTAGE_S, "first_block_after_outage_start_s": at - down}
     finally:
         net.close()
         db.ensure_up()

@@ -369,6 +369,12 @@ def _height(head: Head | None) -> str:
     return str(head.height) if head is not None else "none"
 
 
+def store_failure(exc: BaseException) -> str | None:
+    """One line naming a storage failure that may pass (the database down or frozen, a locked file, a full disk),
+    for a caller that must answer while it lasts; None for any other error."""
+    return describe(exc) if is_transient(exc) else None
+
+
 def _not_extending(height: int, head: Head | None) -> str:
     expected = head.height + 1 if head is not None else 0
     return f"block {height} does not extend this node's head (expected height {expected})"

@@ -17,7 +17,7 @@ from chain.verify import verify_chain
 from conftest import wait_until
 from fl.strategy import FedAvg
 from network import Network, config
-from node.engine.errors import BadRequestError, PreconditionError
+from node.engine.errors import BadRequestError
 from node.engine.types import EdgeRef
 from node.ledger import Ledger
 from node.rpc import transport
@@ -160,11 +160,17 @@ def test_eval_and_status_report_the_global_model(net: Network) -> None:
     assert head is not None and not status.training and status.round == head.round
 
 
-def test_train_on_a_non_entry_supernode_is_refused_clearly(net: Network) -> None:
-    with pytest.raises(PreconditionError, match="entry") as info:
-        net.train(1, sn=net.sns[1])
+def test_any_validator_can_be_told_to_train_and_the_entry_takes_the_lead_back(net: Network) -> None:
+    lines = [line for line in net.train(1, sn=net.sns[1]) if line.finished]   # sn1 takes the lead (a view change)
+    assert len(lines) == 1
+    block = net.block(lines[0].height)
+    assert block.header.proposer_id == net.sns[1].key.node_id
+    with net.admin(net.sns[1]) as admin:
+        assert admin.status().proposer == net.sns[1].key.node_id
 
-    assert info.value.status == "FAILED_PRECONDITION"
+    lines = [line for line in net.train(1) if line.finished]   # the entry leads a newer view again
+    assert len(lines) == 1 and net.block(lines[0].height).header.proposer_id == net.entry.key.node_id
+    assert wait_until(lambda: net.sns[1].ledger.head == net.entry.ledger.head, timeout=15.0)
 
 
 def test_a_stale_round_announcement_is_refused(net: Network) -> None:

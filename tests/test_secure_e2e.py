@@ -15,7 +15,7 @@ from node.security.pki import TlsCredentials
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--model", "2nn", "--threads", "1", "--clients", "4", "--local-epochs", "1", "--reproducible",
-          "--heartbeat", "0.5", "--dead-after", "5"]
+          "--heartbeat", "0.5", "--dead-after", "5", "--retry-for", "0"]
 
 
 def run_main(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -97,6 +97,8 @@ def request_for(service: str, method: str, creds: TlsCredentials | None) -> byte
         msg = fledger_pb2.HeartbeatRequest(node_id=node_id)
     elif method == "AnnounceRound":
         msg = fledger_pb2.RoundAnnouncement(round=1, proposer_id=node_id)
+    elif method == "Promise":
+        msg = fledger_pb2.PromiseRequest(view=0, candidate_id=node_id)
     elif method == "RotateToken":
         msg = fledger_pb2.RotateRequest(role="edge")
     else:

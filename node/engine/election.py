@@ -34,7 +34,7 @@ from chain.keys import node_id_for
 from chain.private import write_private
 from chain.verify import VerifiedBlock
 from node.engine.errors import PreconditionError
-from node.engine.types import BlockData, ChainHead
+from node.engine.types import BlockData, ChainHead, Promise
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +109,6 @@ class Prepared:
     @property
     def hash(self) -> str:
         return self.data.block.hash
-
-
-@dataclass(frozen=True)
-class Promise:
-    """A validator's answer to a candidate proposer."""
-
-    view: int
-    head: ChainHead | None
-    prepared: tuple[int, str, int] | None   # (height, hash, view) of its prepared block
-    target_round: int
 
 
 class ConsensusState:

@@ -12,11 +12,11 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from chain.block import Cosignature, MalformedError
 from chain.keys import node_id_for
 from chain.verify import VerificationError, VerifiedBlock
-from node.engine.election import ConsensusState, Promise, proposer_of
+from node.engine.election import ConsensusState, proposer_of
 from node.engine.errors import BadRequestError, NotFoundError, PreconditionError, UnavailableError
 from node.engine.partial import train_partial
 from node.engine.sync import store, sync_from, verify
-from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeDirectory, EdgeRef, Partial, Peer
+from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeDirectory, EdgeRef, Partial, Peer, Promise
 from node.ledger import Ledger
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,9 @@ import logging
 from chain.verify import VerificationError, VerifiedBlock
 from node.engine.errors import BadRequestError, PreconditionError, UnavailableError
 from node.engine.types import BlockData, Peer
-from node.ledger import Ledger
+from node.ledger import Ledger, store_failure
 from storage.store import NotExtendingHead, StoreError
+from storage.writer import WriterFailed, describe
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ def store(ledger: Ledger, verified: VerifiedBlock, client_state: dict[str, bytes
         raise BadRequestError(f"block refused: {exc}") from exc
     try:
         durable.result()
-    except StoreError as exc:
-        raise UnavailableError(f"block {verified.block.header.height} could not be stored here: {exc}") from exc
+    except Exception as exc:
+        failure = describe(exc) if isinstance(exc, (StoreError, WriterFailed)) else store_failure(exc)
+        if failure is None:
+            raise
+        raise UnavailableError(f"block {verified.block.header.height} could not be stored here: {failure}") from exc
 
 
 def sync_from(ledger: Ledger, peer: Peer) -> int:

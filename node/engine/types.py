@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.tensors import encode_weights, model_hash
@@ -13,9 +13,6 @@ from chain.verify import VerifiedBlock
 from fl.aggregate import Weights
 from fl.participant import Participant
 from fl.strategy import FedAvg, make_strategy
-
-if TYPE_CHECKING:
-    from node.engine.election import Promise
 
 
 @dataclass(frozen=True)
@@ -165,6 +162,17 @@ class ChainHead:
     height: int
     hash: str
     model_hash: str
+
+
+@dataclass(frozen=True)
+class Promise:
+    """A validator's answer to a candidate proposer (node.engine.election): the view it now follows, its head, its
+    prepared block and the training job's last round as it last heard it."""
+
+    view: int
+    head: ChainHead | None
+    prepared: tuple[int, str, int] | None   # (height, hash, view) of its prepared block
+    target_round: int
 
 
 class EdgeDirectory(Protocol):

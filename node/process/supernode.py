@@ -24,7 +24,6 @@ from node.engine.errors import BadRequestError, NetError, NotFoundError, Precond
 from node.engine.jobs import Progress, TrainingJobs, TrainJob, healthy_ledger
 from node.engine.membership import Member, Membership, SuperNodeRegistry, check_node_id
 from node.engine.supernode import SuperNodeCore
-from node.engine.sync import sync_from
 from node.engine.types import Base, MembershipResult, Peer, Plan
 from node.engine.views import BlockView, EdgeEval, EvalReport, MemberView, NodeStatus
 from node.ledger import Ledger
@@ -100,7 +99,10 @@ class SuperNode:
         # not on a bare network (genesis false), whose blocks its tests make by hand.
         self.admissions = Admissions(self.coordinator, self.registry, self._peer_of, self._stop, heartbeat_interval) \
             if self._make_genesis and self.registry is not None else None
-        self._thread = threading.Thread(target=self._membership_loop, name="sn-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=((self._beat,),), name="sn-heartbeat", daemon=True)
+        # Healing, catching up and watching the proposer may wait on the store or a peer: never the heartbeats.
+        self._recovery = threading.Thread(target=self._loop, args=((self._heal, self._follow, self._watch_proposer),),
+                                          name="sn-recovery", daemon=True)
         self._registered = False
 
     def _training_set_size(self) -> int:
@@ -123,6 +125,7 @@ class SuperNode:
             self.registry.register(self.key.node_id, self.key.public_hex, self.address, capacity=self.capacity)
         self.server.start()
         self._thread.start()
+        self._recovery.start()
         log.info("super node %s serving on %s (%s)", self.key.node_id, self.address,
                  "entry" if self.registry is not None else f"entry {self.entry}")
 
@@ -143,6 +146,7 @@ class SuperNode:
             self.jobs.join(timeout=self.round_s + 10)
         self._stop.set()
         self._thread.join(timeout=5)
+        self._recovery.join(timeout=5)
         if self.admissions is not None:
             self.admissions.join(timeout=30)
         self.server.stop(grace).wait()
@@ -369,28 +373,30 @@ class SuperNode:
 
     # ---- membership -----------------------------------------------------------------------------------------
 
-    def _membership_loop(self) -> None:
-        """Heal the ledger, heartbeat (and register, and catch up), and take over proposing when the proposer went
-        silent, until stopped; each step runs whatever the others did, no error ends the loop, and a failure is
-        logged once while it repeats (then at DEBUG)."""
+    def _loop(self, steps: tuple[Callable[[], None], ...]) -> None:
+        """Run ``steps`` every heartbeat interval until stopped (the heartbeat loop: register and heartbeat; the
+        recovery loop: heal the ledger, catch up, and take over proposing when the proposer went silent). Each
+        step runs whatever the others did, no error ends the loop, and a failure is logged once while it repeats
+        (then at DEBUG)."""
         repeated: dict[str, str] = {}
         while not self._stop.is_set():
-            for step in (self._heal, self._beat, self._watch_proposer):
-                name = step.__name__
+            for step in steps:
+                name = step.__name__.strip("_")
                 try:
                     step()
                     if repeated.pop(name, None) is not None:
-                        log.info("membership: %s works again", name.strip("_"))
+                        log.info("membership: %s works again", name)
                     continue
                 except NotFoundError as exc:
                     self._registered = False
                     message = f"{exc}; registering again"
                 except NetError as exc:
                     message = str(exc)
-                except Exception as exc:   # a storage failure during catch-up, or a bug: keep heartbeating
-                    log.exception("membership: %s failed; retrying in %.1f s", name.strip("_"),
-                                  self.heartbeat_interval)
-                    repeated[name] = str(exc)
+                except Exception as exc:   # a storage failure during catch-up, or a bug: keep going
+                    message = f"{name} failed: {exc}"
+                    if repeated.get(name) != message:
+                        log.exception("membership: %s; retrying in %.1f s", message, self.heartbeat_interval)
+                    repeated[name] = message
                     continue
                 level = logging.DEBUG if repeated.get(name) == message else logging.WARNING
                 log.log(level, "membership: %s", message)
@@ -483,17 +489,13 @@ class SuperNode:
             self.registry.heartbeat(self.key.node_id, load=len(self.edges))
             if self.admissions is not None:
                 self.admissions.poll()
-            self._follow()
             return
         client = self.registry_client
         assert client is not None and self.entry is not None
         if not self._registered:
             client.register_supernode(MemberView(self.key.node_id, self.key.public_hex, self.address, "supernode",
                                                  True, capacity=self.capacity))
-            self._registered = True
-            # a late joiner catches up, verifying every block
-            sync_from(self.ledger, GrpcPeer("entry", self.entry, security=self.security))
+            self._registered = True   # a late joiner catches up (every block verified) in the recovery loop
         client.heartbeat(self.key.node_id, load=len(self.edges))
         self._remember(self.supernodes(include_dead=True))   # followers' peers, should the entry go away
-        self._follow()
 

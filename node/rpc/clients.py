@@ -15,7 +15,7 @@ import numpy as np
 from chain.block import Cosignature
 from chain.keys import NodeKey
 from fl.participant import EvalRes, FitIns, FitRes, Participant
-from node.engine.election import Promise, SupersededError
+from node.engine.election import SupersededError
 from node.engine.errors import (
     BadRequestError,
     ForbiddenError,
@@ -28,7 +28,17 @@ from node.engine.errors import (
     UnavailableError,
 )
 from node.engine.membership import Membership
-from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeRef, MembershipResult, Partial, Progress
+from node.engine.types import (
+    Announcement,
+    Base,
+    BlockData,
+    ChainHead,
+    EdgeRef,
+    MembershipResult,
+    Partial,
+    Progress,
+    Promise,
+)
 from node.engine.views import BlockView, EvalReport, MemberView, NodeStatus
 from node.rpc import serde, transport
 from node.rpc.options import DEADLINES, TRANSFER_SLACK_BYTES, Deadlines

@@ -10,10 +10,9 @@ from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.encoding import is_hex_digest
 from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN
 from fl.participant import EvalRes, FitIns
-from node.engine.election import Promise
 from node.engine.errors import BadRequestError, clip
 from node.engine.membership import MAX_ADDRESS_CHARS, MAX_SAMPLES, Member, check_address, check_node_id
-from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Partial, Plan, Progress, RoundReport
+from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Partial, Plan, Progress, Promise, RoundReport
 from node.engine.views import EdgeEval, EvalReport, MemberView, NodeStatus
 from node.rpc.options import (
     MAX_BATCH_SIZE,

@@ -83,7 +83,11 @@ class LocalRegistryServicer(fledger_pb2_grpc.RegistryServicer):
 
     def __init__(self, core: SuperNodeCore, edges: Membership, me: Callable[[], MemberView],
                  known: Callable[[], list[MemberView]], entry: str):
-        self.core, self.edges, self.me, self.known, self.entry = core, edges, me, known, entry
+        self.core = core
+        self.edges = edges
+        self.me = me          # this super node as getSN() lists it
+        self.known = known    # the other super nodes it knows
+        self.entry = entry
 
     def _not_here(self) -> NoReturn:
         raise UnavailableError(f"super nodes register at the entry ({self.entry}), not here")

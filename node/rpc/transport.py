@@ -22,6 +22,7 @@ from chain.encoding import is_hex_digest
 from chain.tensors import decode_weights, encode_weights, model_hash
 from node.engine import errors
 from node.engine.errors import clip
+from node.ledger import store_failure
 from node.rpc.options import (
     CHUNK_SIZE,
     MAX_CALLS_PER_PEER,
@@ -35,7 +36,6 @@ from node.rpc.options import (
 from node.security.pki import TlsCredentials
 from proto import fledger_pb2
 from proto.fledger_pb2 import WeightsChunk as WeightsChunkMsg
-from storage.writer import describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,10 @@ def answer_error(context: grpc.ServicerContext, method: str, exc: Exception) -> 
     if status_for(exc) is not None:
         log.info("%s refused: %s", method, clip(exc, LOG_TEXT_LIMIT))
         abort_for(context, exc)
-    if is_transient(exc):   # this node's store (or disk) failed under the call: it may work again soon
-        log.warning("%s failed: this node's store is unavailable: %s", method, describe(exc))
-        context.abort(grpc.StatusCode.UNAVAILABLE, clip(f"this node's ledger store is unavailable: {describe(exc)}",
+    failure = store_failure(exc)
+    if failure is not None:   # this node's store (or disk) failed under the call: it may work again soon
+        log.warning("%s failed: this node's ledger store is unavailable: %s", method, failure)
+        context.abort(grpc.StatusCode.UNAVAILABLE, clip(f"this node's ledger store is unavailable: {failure}",
                                                         LOG_TEXT_LIMIT))
     if isinstance(exc, NotImplementedError):   # a method the servicer leaves to its generated base class
         log.info("%s refused: not implemented here", method)
