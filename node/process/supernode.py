@@ -20,7 +20,7 @@ from config import Config
 from node.engine.consensus import ask_all
 from node.engine.coordinator import Coordinator
 from node.engine.election import ConsensusState, proposer_of, turn_after
-from node.engine.errors import BadRequestError, NetError, NotFoundError, PreconditionError
+from node.engine.errors import BadRequestError, NetError, NotFoundError, PreconditionError, UnavailableError
 from node.engine.jobs import Progress, TrainingJobs, TrainJob, healthy_ledger
 from node.engine.membership import Member, Membership, SuperNodeRegistry, check_node_id
 from node.engine.supernode import SuperNodeCore
@@ -410,9 +410,8 @@ class SuperNode:
             return
         transport.set_serving(self.server, False)
         if not self.ledger.heal():
-            log.warning("ledger store still failing: %s; this super node sits out of rounds until it works",
-                        self.ledger.health_reason)
-            return
+            raise UnavailableError(f"ledger store still failing: {self.ledger.health_reason}; this super node "
+                                   "sits out of rounds until it works")
         transport.set_serving(self.server, True)
         upstream = self._upstream()
         if upstream is not None:
