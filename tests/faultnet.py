@@ -50,6 +50,7 @@ class FaultNet:
         self.db = db
         self.ports = {f"sn{i}": free_port() for i in range(supernodes)}
         self.procs: dict[str, NodeProcess] = {}
+        self.frozen: set[str] = set()
         self.heights: list[tuple[float, int]] = []   # (monotonic time, height) seen by the monitor
         self._stop = threading.Event()
         self.entry = f"127.0.0.1:{self.ports['sn0']}"
@@ -82,6 +83,10 @@ class FaultNet:
         self.procs[name].wait_ready(time.monotonic() + 120)
 
     def signal(self, name: str, sig: signal.Signals) -> None:
+        if sig == signal.SIGSTOP:
+            self.frozen.add(name)   # the monitor does not wait on it (its status call would time out)
+        elif sig == signal.SIGCONT:
+            self.frozen.discard(name)
         self.procs[name].popen.send_signal(sig)
         if sig == signal.SIGKILL:
             self.procs[name].popen.wait(timeout=30)
@@ -144,7 +149,7 @@ class FaultNet:
             best = -1
             for name in self.ports:
                 proc = self.procs.get(name)
-                if proc is None or proc.popen.poll() is not None:
+                if proc is None or proc.popen.poll() is not None or name in self.frozen:
                     continue
                 head = self.head(name)
                 if head is not None:

@@ -266,7 +266,7 @@ class GrpcPeer:
     def commit(self, height: int, block_hash: str, cosignatures: Sequence[Cosignature]) -> None:
         request = CommitRequestMsg(height=height, hash=block_hash,
                                    cosignatures=[serde.cosig_to_msg(c) for c in cosignatures])
-        self._call(lambda stub: stub.CommitBlock(request, timeout=self.deadlines.block))
+        self._call(lambda stub: stub.CommitBlock(request, timeout=self.deadlines.commit))
 
     def promise(self, view: int, candidate: str) -> Promise:
         request = PromiseRequestMsg(view=view, candidate_id=candidate)

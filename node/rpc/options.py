@@ -90,6 +90,7 @@ class Deadlines:
     round: float = 7200.0        # announce + partial reply: a whole SN's share of a round
     train: float = 86400.0       # a whole Admin.Train stream (many rounds) or a full-chain Verify
     block: float = 600.0         # propose/commit of a block with its model
+    commit: float = 600.0        # commit of a prepared block: the peer only writes what it holds
     sync: float = 3600.0         # fetching a range of blocks with models
 
 
@@ -115,6 +116,8 @@ def deadlines_for(round_s: float) -> Deadlines:
     """Per-call deadlines that follow from a round's bound: a frozen edge node, super node or proposer stalls a
     round at most ``round_s``; a block's co-signing and commit, and queries, get short bounds of their own."""
     block = min(DEADLINES.block, max(15.0, round_s / 4))
+    # A commit sends no model: the peer writes the block it prepared. A frozen co-signer holds a round this long.
+    commit = max(5.0, round_s / 8)
     return Deadlines(register=DEADLINES.register, heartbeat=DEADLINES.heartbeat, query=min(10.0, round_s),
                      fit=round_s, evaluate=round_s, round=round_s, train=DEADLINES.train, block=block,
-                     sync=max(round_s, 120.0))
+                     commit=commit, sync=max(round_s, 120.0))
