@@ -225,10 +225,12 @@ class BlockPart(_message.Message):
     def __init__(self, block: _Optional[_Union[SignedBlock, _Mapping]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., cosignature: _Optional[_Union[Cosignature, _Mapping]] = ..., info: _Optional[_Union[ProposalInfo, _Mapping]] = ...) -> None: ...
 
 class ProposalInfo(_message.Message):
-    __slots__ = ("view",)
+    __slots__ = ("view", "sender_id")
     VIEW_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     view: int
-    def __init__(self, view: _Optional[int] = ...) -> None: ...
+    sender_id: str
+    def __init__(self, view: _Optional[int] = ..., sender_id: _Optional[str] = ...) -> None: ...
 
 class PromiseRequest(_message.Message):
     __slots__ = ("view", "candidate_id")

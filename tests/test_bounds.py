@@ -41,6 +41,7 @@ from proto.fledger_pb2 import FitIns as FitInsMsg
 from proto.fledger_pb2 import FitRequest as FitRequestMsg
 from proto.fledger_pb2 import HeartbeatRequest as HeartbeatRequestMsg
 from proto.fledger_pb2 import NodeInfo as NodeInfoMsg
+from proto.fledger_pb2 import ProposalInfo as ProposalInfoMsg
 from proto.fledger_pb2 import SignedBlock as SignedBlockMsg
 from proto.fledger_pb2 import SignedRecord as SignedRecordMsg
 from proto.fledger_pb2 import WeightsChunk as WeightsChunkMsg
@@ -220,7 +221,8 @@ def test_nesting_up_to_the_bound_parses() -> None:
 
 def test_deep_json_block_is_invalid_argument(entry, caplog) -> None:
     caplog.set_level(logging.INFO)
-    parts = [BlockPartMsg(block=SignedBlockMsg(header_bytes=DEEP, signature=bytes(64)))]
+    parts = [BlockPartMsg(info=ProposalInfoMsg(view=0, sender_id=entry.key.node_id)),
+             BlockPartMsg(block=SignedBlockMsg(header_bytes=DEEP, signature=bytes(64)))]
 
     err = refusal(sn_stub(entry).ProposeBlock, iter(parts), timeout=10)
 
@@ -230,7 +232,8 @@ def test_deep_json_block_is_invalid_argument(entry, caplog) -> None:
 
 def test_deep_json_record_is_invalid_argument(entry, caplog) -> None:
     caplog.set_level(logging.INFO)
-    parts = [BlockPartMsg(block=SignedBlockMsg(header_bytes=b"{}", signature=bytes(64))),
+    parts = [BlockPartMsg(info=ProposalInfoMsg(view=0, sender_id=entry.key.node_id)),
+             BlockPartMsg(block=SignedBlockMsg(header_bytes=b"{}", signature=bytes(64))),
              BlockPartMsg(record=SignedRecordMsg(record_bytes=DEEP, signature=bytes(64)))]
 
     err = refusal(sn_stub(entry).ProposeBlock, iter(parts), timeout=10)

@@ -97,8 +97,8 @@ def test_co_signing_stops_at_a_majority_and_a_failed_commit_is_a_failure(tmp_pat
     class Failing:   # co-signs, then cannot store
         node_id = asked_first.node_id
 
-        def cosign(self, data: BlockData, view: int = 0) -> Cosignature:
-            return asked_first.cosign(data, view)
+        def cosign(self, data: BlockData, view: int = 0, sender: str = "") -> Cosignature:
+            return asked_first.cosign(data, view, sender)
 
         def commit(self, *args: object) -> None:
             raise Unreachable(asked_first.node_id).commit()

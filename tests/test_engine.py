@@ -105,8 +105,10 @@ def coordinator(tmp_path: Path, entry: SuperNodeCore, peers: Sequence[Peer]) -> 
     return Coordinator(ctx, entry, lambda: list(peers))
 
 
-def announcement(base: Base, participants: Sequence[str], round: int = 1) -> Announcement:
-    return Announcement(round, base.height, base.model_hash, "proposer", tuple(participants), PLAN)
+def announcement(base: Base, participants: Sequence[str], round: int = 1, proposer: str = "0" * 32) -> Announcement:
+    """A round announced by ``proposer`` (a super node whose chain is still empty takes any: it has no validators
+    yet to check it against)."""
+    return Announcement(round, base.height, base.model_hash, proposer, tuple(participants), PLAN)
 
 
 # ---------------------------------------------------------------- the proposer's checks of a partial
@@ -114,7 +116,7 @@ def announcement(base: Base, participants: Sequence[str], round: int = 1) -> Ann
 def partial_of(tmp_path: Path) -> tuple[Partial, Announcement, Base]:
     sn = core(tmp_path, "sn", ScriptedEdges([0, 1]))
     base = genesis(sn)
-    ann = announcement(base, [e.node_id for e in sn.edges()])
+    ann = announcement(base, [e.node_id for e in sn.edges()], proposer=sn.node_id)
     return sn.train(ann), ann, base
 
 
@@ -213,7 +215,7 @@ def test_a_peer_trains_with_the_announced_plan_and_positions_not_its_own_setting
     ids = [e.node_id for e in sn.edges()]
     plan = Plan("fedavg", 0.125, 3, 8, 0.5, 42)
 
-    sn.train(Announcement(1, 0, base.model_hash, "proposer", ("other", *ids), plan))
+    sn.train(Announcement(1, 0, base.model_hash, sn.node_id, ("other", *ids), plan))
 
     asked = [s.asked[0] for s in edges.connected]
     strategy = plan.strategy()
@@ -237,7 +239,7 @@ def test_an_announcement_while_training_is_refused_as_busy(tmp_path: Path) -> No
         return original(edge, b)
 
     edges.connect = slow_connect  # type: ignore[method-assign]
-    ann = announcement(base, [e.node_id for e in sn.edges()])
+    ann = announcement(base, [e.node_id for e in sn.edges()], proposer=sn.node_id)
     worker = threading.Thread(target=sn.train, args=(ann,))
     worker.start()
     try:
@@ -264,7 +266,7 @@ def test_a_stale_round_is_refused(tmp_path: Path) -> None:
     base = genesis(sn)
 
     with pytest.raises(PreconditionError, match="stale"):
-        sn.train(announcement(base, [], round=0))
+        sn.train(announcement(base, [], round=0, proposer=sn.node_id))
 
 
 def proposed(tmp_path: Path) -> tuple[SuperNodeCore, SuperNodeCore, BlockData]:

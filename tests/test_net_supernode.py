@@ -77,8 +77,16 @@ def proposal(sn: SuperNode, weights: dict[str, np.ndarray], records: list[Signed
                            metrics={}, timestamp_ms=1)
 
 
-def parts(block: SignedBlock, weights: dict[str, np.ndarray]):  # noqa: ANN201
-    return serde.block_parts(BlockData(block, (), encode_weights(weights)))
+def parts(block: SignedBlock, weights: dict[str, np.ndarray], sender: str | None = None):  # noqa: ANN201
+    """A ProposeBlock stream from ``sender`` (default: the block's proposer) in view 0."""
+    return serde.proposal_parts(BlockData(block, (), encode_weights(weights)), 0, sender or _proposer(block))
+
+
+def _proposer(block: SignedBlock) -> str:
+    try:
+        return block.header.proposer_id
+    except ValueError:
+        return "0" * 32
 
 
 def test_block_is_cosigned_and_committed_by_a_peer_and_synced_by_a_late_joiner(entry: SuperNode,
@@ -164,8 +172,10 @@ def test_blocks_from_a_key_other_than_the_chains_authority_are_refused(entry: Su
         honest = proposal(entry, new).block
         with transport.open_channel(peer.address) as channel:
             stub = fledger_pb2_grpc.SuperNodeStub(channel)
-            with pytest.raises(grpc.RpcError) as proposed:
+            with pytest.raises(grpc.RpcError) as sent:   # a sender that is no validator moves no one
                 stub.ProposeBlock(parts(forged, new), timeout=10)
+            with pytest.raises(grpc.RpcError) as proposed:   # a forged block, even from a validator
+                stub.ProposeBlock(parts(forged, new, entry.key.node_id), timeout=10)
             stub.ProposeBlock(parts(honest, new), timeout=10)
             peer_only = CommitRequestMsg(height=1, hash=honest.hash, cosignatures=[
                 serde.cosig_to_msg(Cosignature.create(1, honest.hash, rogue))])
@@ -173,6 +183,7 @@ def test_blocks_from_a_key_other_than_the_chains_authority_are_refused(entry: Su
                 stub.CommitBlock(peer_only, timeout=10)
             head = stub.GetHead(EmptyMsg(), timeout=5)
 
+        assert sent.value.code() == grpc.StatusCode.PERMISSION_DENIED and "not a validator" in sent.value.details()
         assert proposed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not an authority" in proposed.value.details()
         assert committed.value.code() == grpc.StatusCode.INVALID_ARGUMENT

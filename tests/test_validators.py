@@ -261,9 +261,9 @@ class Counting:
     def __getattr__(self, name: str):  # noqa: ANN204
         return getattr(self.inner, name)
 
-    def cosign(self, data: BlockData) -> Cosignature:
+    def cosign(self, data: BlockData, view: int = 0, sender: str = "") -> Cosignature:
         self.cosigned += 1
-        return self.inner.cosign(data)
+        return self.inner.cosign(data, view, sender)
 
 
 def test_a_super_node_that_is_no_validator_trains_but_is_not_asked_to_co_sign(tmp_path: Path) -> None:

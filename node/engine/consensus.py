@@ -121,7 +121,7 @@ def finalize(ledger: Ledger, peers: Sequence[Peer], proposal: VerifiedBlock, *, 
         by_key[me.public_hex] = Cosignature.create(height, block.hash, me)
     need = quorum(validators)
     raised: dict[str, NetError | OSError] = {}
-    cosigned, failures = ask_all(asked, lambda peer: _valid(peer.cosign(data, view), height, block.hash),
+    cosigned, failures = ask_all(asked, lambda peer: _valid(peer.cosign(data, view, me.node_id), height, block.hash),
                                  "co-sign", concurrent, enough=max(0, need - len(by_key)), raised=raised)
     newer = superseding_view(raised)
     if newer is not None:

@@ -13,7 +13,7 @@ from chain.block import Cosignature, MalformedError
 from chain.keys import node_id_for
 from chain.verify import VerificationError, VerifiedBlock
 from node.engine.election import ConsensusState, proposer_of
-from node.engine.errors import BadRequestError, NotFoundError, PreconditionError, UnavailableError
+from node.engine.errors import BadRequestError, ForbiddenError, NotFoundError, PreconditionError, UnavailableError
 from node.engine.partial import train_partial
 from node.engine.sync import store, sync_from, verify
 from node.engine.types import Announcement, Base, BlockData, ChainHead, EdgeDirectory, EdgeRef, Partial, Peer, Promise
@@ -71,6 +71,7 @@ class SuperNodeCore:
         """Train this node's selected edge nodes for the announced round (``base``: the caller's copy of the base,
         used as is when it matches; a peer loads its own). Refuses a stale round or one it is already training."""
         round = announcement.round
+        self.check_validator(announcement.proposer_id, "announces rounds")
         self.state.follow(announcement.view, announcement.proposer_id)
         self.check_healthy()
         self.heard()
@@ -130,13 +131,21 @@ class SuperNodeCore:
         key = proposer_of(self.state.view, self.ledger.validators, self.ledger.authority)
         return node_id_for(key) if key is not None else None
 
-    def cosign(self, data: BlockData, view: int = 0) -> Cosignature:
+    def check_validator(self, node_id: str, what: str) -> None:
+        """ForbiddenError unless ``node_id`` is a validator (or nobody is yet): only validators propose, so only
+        they may move this node to another view."""
+        validators = self.ledger.validators
+        if validators and node_id not in {node_id_for(k) for k in validators}:
+            raise ForbiddenError(f"super node {node_id} {what}, but it is not a validator")
+
+    def cosign(self, data: BlockData, view: int = 0, sender: str = "") -> Cosignature:
         """Verify a proposed block once, against this node's head, the chain's authority and its validator set,
         write it to this node's journal as its prepared block of ``view`` (election), and co-sign it: a
         co-signature means "verified and durably stored". A node more than one block behind (a validator just
         admitted, or one that missed a block) first catches up from its upstream. Refuses (SupersededError) a view
         older than the one it follows, and (UnavailableError) any block while its ledger cannot write."""
-        self.state.follow(view, data.block.header.proposer_id if _parses(data) else "")
+        self.check_validator(sender or (data.block.header.proposer_id if _parses(data) else ""), "proposes blocks")
+        self.state.follow(view, sender)
         self.check_healthy()
         self.heard()
         head, upstream = self.ledger.head, self.upstream()
@@ -182,6 +191,7 @@ class SuperNodeCore:
         """Follow ``view`` from now on, for candidate proposer ``candidate`` (SupersededError when this node
         follows a newer one), and report the head, the prepared block and the training target."""
         head = self.ledger.head
+        self.check_validator(candidate, "asks to lead")
         held = self.state.prepared()
         if held is not None and head is not None and held.height <= head.height:
             self.state.discard_through(head.height)

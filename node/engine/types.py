@@ -206,9 +206,9 @@ class Peer(Protocol):
         proposer's copy, used to check the partial; the peer trains from its own ledger)."""
         ...
 
-    def cosign(self, data: BlockData, view: int = 0) -> Cosignature:
-        """Verify the proposed block against its head, prepare it durably in ``view`` and co-sign it; the block
-        waits there for commit."""
+    def cosign(self, data: BlockData, view: int = 0, sender: str = "") -> Cosignature:
+        """Verify the proposed block from validator ``sender`` against its head, prepare it durably in ``view`` and
+        co-sign it; the block waits there for commit."""
         ...
 
     def promise(self, view: int, candidate: str) -> Promise:

@@ -258,8 +258,8 @@ class GrpcPeer:
         return self._call(lambda stub: serde.read_partial(
             stub.AnnounceRound(msg, timeout=self.deadlines.round), max_bytes))
 
-    def cosign(self, data: BlockData, view: int = 0) -> Cosignature:
-        reply = self._call(lambda stub: stub.ProposeBlock(serde.proposal_parts(data, view),
+    def cosign(self, data: BlockData, view: int = 0, sender: str = "") -> Cosignature:
+        reply = self._call(lambda stub: stub.ProposeBlock(serde.proposal_parts(data, view, sender),
                                                           timeout=self.deadlines.block))
         return serde.cosig_from_msg(reply)
 

@@ -2,7 +2,6 @@
 (BadRequestError naming what is wrong)."""
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -173,24 +172,23 @@ def _finish(block: SignedBlock, records: list[SignedRecord], cosigs: list[Cosign
     return BlockData(block, tuple(records), assembler.finish_blob(), tuple(cosigs))
 
 
-def proposal_parts(data: BlockData, view: int) -> Iterator[BlockPartMsg]:
-    """A ProposeBlock stream: the view it is proposed in, then the block."""
-    yield BlockPartMsg(info=ProposalInfoMsg(view=view))
+def proposal_parts(data: BlockData, view: int, sender: str) -> Iterator[BlockPartMsg]:
+    """A ProposeBlock stream: the view it is proposed in and who sends it, then the block."""
+    yield BlockPartMsg(info=ProposalInfoMsg(view=view, sender_id=sender))
     yield from block_parts(data)
 
 
-def read_proposal(parts: Iterator[BlockPartMsg], max_bytes: int) -> tuple[BlockData, int]:
-    """(the one block, the view) of a ProposeBlock stream; a stream without the info first is view 0."""
+def read_proposal(parts: Iterator[BlockPartMsg], max_bytes: int) -> tuple[BlockData, int, str]:
+    """(the one block, the view, the sender's node id) of a ProposeBlock stream, whose first message must say the
+    view and the sender."""
     first = next(parts, None)
-    view = 0
-    if first is not None and first.WhichOneof("part") == "info":
-        view = first.info.view
-    elif first is not None:
-        parts = itertools.chain([first], parts)
+    if first is None or first.WhichOneof("part") != "info":
+        raise BadRequestError("a proposal starts with its view and sender")
+    check_node_id(first.info.sender_id, "the proposal's sender")
     blocks = list(read_blocks(parts, max_bytes=max_bytes))
     if len(blocks) != 1:
         raise BadRequestError(f"ProposeBlock carries exactly one block, got {len(blocks)}")
-    return blocks[0], view
+    return blocks[0], first.info.view, first.info.sender_id
 
 
 def promise_to_msg(promise: Promise) -> PromiseReplyMsg:

@@ -145,8 +145,9 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
     def ProposeBlock(self, request_iterator: Iterator[Any], context: Context) -> Any:
         head = self.core.head()   # a proposed block's model is the size of the head's, give or take its header
         limit = len(self.core.base().blob) + TRANSFER_SLACK_BYTES if head is not None else MAX_MODEL_BYTES
-        data, view = serde.read_proposal(iter(request_iterator), limit)
-        return serde.cosig_to_msg(self.core.cosign(data, view))
+        data, view, sender = serde.read_proposal(iter(request_iterator), limit)
+        claim(context, sender)
+        return serde.cosig_to_msg(self.core.cosign(data, view, sender))
 
     @transport.guarded
     def CommitBlock(self, request: Any, context: Context) -> CommitReplyMsg:
