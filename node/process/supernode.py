@@ -141,9 +141,8 @@ class SuperNode:
         return round_deadline(model_name(self.cfg), self.cfg.local_epochs, share, size)
 
     def stop(self, grace: float | None = 2.0) -> None:
-        if self.jobs is not None:
-            self.jobs.pause()
-            self.jobs.join(timeout=self.round_s + 10)
+        self.jobs.pause()
+        self.jobs.join(timeout=self.round_s + 10)
         self._stop.set()
         self._thread.join(timeout=5)
         self._recovery.join(timeout=5)
@@ -254,29 +253,24 @@ class SuperNode:
     # ---- AdminBackend ---------------------------------------------------------------------------------------
 
     def status(self) -> NodeStatus:
-        jobs, head = self.jobs, self.ledger.head
+        jobs = self.jobs
         return NodeStatus(self.key.node_id, "entry" if self.registry is not None else "supernode", self.core.head(),
                           len(self.edges), len(self.registry) if self.registry is not None else 0,
-                          bool(jobs and jobs.training), bool(jobs and jobs.pause_requested),
-                          jobs.current_round if jobs else (head.round if head else 0),
+                          jobs.training, jobs.pause_requested, jobs.current_round,
                           validators=tuple(sorted(node_id_for(k) for k in self.ledger.validators)),
                           view=self.core.state.view, proposer=self.core.proposer() or "",
                           ledger_error="" if self.ledger.healthy else self.ledger.health_reason)
 
-    def _jobs(self, what: str) -> TrainingJobs:
-        return self.jobs
-
     def start_training(self, rounds: int) -> tuple[TrainJob, bool]:
-        jobs = self._jobs("connect the console")
         if self.ledger.head is None:
             raise PreconditionError("the chain has no genesis block yet")
-        return jobs.start(rounds)
+        return self.jobs.start(rounds)
 
     def follow(self, job: TrainJob, alive: Callable[[], bool]) -> Iterator[Progress]:
-        return self._jobs("follow it").follow(job, alive)
+        return self.jobs.follow(job, alive)
 
     def pause(self) -> None:
-        self._jobs("pause it").pause()
+        self.jobs.pause()
 
     def _head_model(self, what: str) -> Base:
         if self.ledger.head is None:
