@@ -76,6 +76,13 @@ class Config:
     round_timeout_s: float | None = None  # longest a round may take: calls are cut after it, and a validator
                                         # takes over from a proposer silent this long; None: from the settings
     retry_for_s: float = 300.0          # a failing round is retried (with backoff) this long; 0: stop at once
+    # --- adversaries and defences (see README, "Attacks and robust aggregation") ---------------------------
+    aggregate: str = "fedavg"           # fedavg | median | trimmed-mean[:beta=B] | multi-krum[:f=F,m=M] |
+                                        # clip:norm=C, clip combinable: "clip:norm=5+median"
+    max_update_norm: float | None = None  # refuse an update farther than this (L2) from the round's base
+    record_updates: bool = False        # store every update with its block, for `verify --recompute`
+    attack: str | None = None           # NAME[:key=value,...]: the attack of the malicious edge nodes
+    attackers: float = 0.0              # simulate: the share of edge nodes that attack, drawn from the seed
     # --- security (see README, "Secure mode") -------------------------------------------------------
     secure: bool = False                # mutual TLS and admission by join token (default off loopback)
     insecure: bool = False              # allow open mode on a non-loopback address
@@ -212,10 +219,25 @@ def validate(cfg: Config) -> Config:
         ("device", cfg.device in ("cpu", "cuda", "auto"), "cpu, cuda or auto"),
         ("round_timeout_s", cfg.round_timeout_s is None or 1 <= cfg.round_timeout_s <= 86400, "in [1, 86400]"),
         ("retry_for_s", 0 <= cfg.retry_for_s <= 7 * 86400, "in [0, 604800]"),
+        ("max_update_norm", cfg.max_update_norm is None or cfg.max_update_norm > 0, "greater than 0"),
+        ("attackers", 0 <= cfg.attackers <= 1, "in [0, 1]"),
     ]
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"setting {key!r} must be {expected}, got {getattr(cfg, key)!r}")
+    from fl.attacks import parse_attack  # numpy only; parsed here so a bad spec stops a run before it starts
+    from fl.robust import parse_rule
+    try:
+        parse_rule(cfg.aggregate)
+    except ValueError as exc:
+        raise ConfigError(f"setting 'aggregate': {exc}") from None
+    if cfg.attack is not None:
+        try:
+            parse_attack(cfg.attack)
+        except ValueError as exc:
+            raise ConfigError(f"setting 'attack': {exc}") from None
+    if cfg.attackers > 0 and cfg.attack is None:
+        raise ConfigError("setting 'attackers' needs an attack: pass --attack NAME as well")
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""What the verifier reads: blocks as stored, with their records, co-signatures and weight chunks."""
+"""What the verifier reads: blocks as stored, with their records, co-signatures, recorded updates and weight chunks."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -26,6 +26,17 @@ class StoredChunk:
 
 
 @dataclass(frozen=True)
+class StoredUpdate:
+    """A recorded update row (chain.updates) without its weights: what its Merkle leaf is made of."""
+
+    position: int               # leaf index in the block's recorded-updates tree
+    record_bytes: bytes         # exactly the bytes the trainer signed
+    signature: bytes
+    status: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class StoredBlock:
     """A block row as read back, with everything attached to it."""
 
@@ -37,6 +48,7 @@ class StoredBlock:
     records: list[StoredRecord]
     cosignatures: list[tuple[str, bytes]] = field(default_factory=list)   # (signer public key hex, signature)
     load_chunks: Callable[[], list[StoredChunk]] | None = None           # lazily reads the weight chunks
+    updates: list[StoredUpdate] = field(default_factory=list)            # recorded updates, without weights
 
 
 class ChainSource(Protocol):

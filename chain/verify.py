@@ -1,7 +1,9 @@
 """Check blocks: one in memory against the head it must extend (verify_block), or a whole stored chain (verify_chain).
 
-Both run the same checks (link, signatures, authority, co-signatures, records and Merkle root, model hash); a stored
-chain adds the checks of what storage adds (the hash and indexed columns, record positions, chunk digests).
+Both run the same checks (link, signatures, authority, co-signatures, records and Merkle root, the recorded updates'
+root, model hash); a stored chain adds the checks of what storage adds (the hash and indexed columns, record
+positions, chunk digests); a block received whole also has each recorded update's record and weights checked (a
+stored chain's recorded updates are checked by their root only: their weights are not read).
 Finality (chain.validators): block h >= 1 is final when distinct keys of the validator set in force before it (the
 set after block h-1) co-signed it, only such keys, and more than half of that set; genesis is exempt.
 """
@@ -19,8 +21,9 @@ from chain.block import BlockHeader, Cosignature, MalformedError, SignedBlock, S
 from chain.checkpoint import Checkpoint
 from chain.encoding import ZERO_HASH, EncodingError, sha256_hex
 from chain.merkle import merkle_root
-from chain.source import ChainSource, StoredBlock
+from chain.source import ChainSource, StoredBlock, StoredUpdate
 from chain.tensors import decode_weights, model_hash
+from chain.updates import MAX_REASON_CHARS, STATUSES, UPDATES_ROOT, RecordedUpdate
 from chain.validators import MembershipError, is_membership, membership_change, quorum, validators_after
 
 
@@ -64,6 +67,7 @@ class VerifiedBlock:
     records: tuple[SignedRecord, ...]
     weights_blob: bytes                         # the encoded model (chain.tensors format), hashing to model_hash
     cosignatures: tuple[Cosignature, ...] = ()  # each valid for this block, one per signer
+    updates: tuple[RecordedUpdate, ...] = ()    # recorded updates (chain.updates), committed by the header
 
     @property
     def header(self) -> BlockHeader:
@@ -96,12 +100,16 @@ class VerifiedBlock:
 def verify_block(block: SignedBlock, records: Iterable[SignedRecord], weights_blob: bytes,
                  cosignatures: Iterable[Cosignature] = (), *, prev: Head | None,
                  authorities: Collection[str] | None = None, check_model: bool = True,
-                 validators: Collection[str] | None = None) -> VerifiedBlock:
+                 validators: Collection[str] | None = None,
+                 updates: Iterable[RecordedUpdate] = ()) -> VerifiedBlock:
     """Check a block received whole against ``prev``, the head it must extend (None for genesis).
 
     Checks the header, height and link, the proposer signature (and that the proposer is one of ``authorities``
     when given), every co-signature, every record signature, the Merkle root and totals, a membership block's
-    shape, and (``check_model``) that the blob decodes and hashes to the header's model_hash. With
+    shape, the recorded ``updates`` (chain.updates: committed by the header's UPDATES_ROOT, or none without one;
+    each record signed, for this round and base model, distinct trainers, and with ``check_model`` its weights
+    hashing to the record's update_hash), and (``check_model``) that the blob decodes and hashes to the header's
+    model_hash. With
     ``validators``, the set in force before the block, it must also be final under that set
     (``VerifiedBlock.check_final``); None skips that check, for a block still being co-signed. Raises
     VerificationError naming the height and the check; a block that does not extend ``prev`` fails the "height"
@@ -117,9 +125,11 @@ def verify_block(block: SignedBlock, records: Iterable[SignedRecord], weights_bl
     _check_cosignatures(height, block.hash, cosigs)
     _check_records(height, header, signed_records)
     _check_membership_shape(height, header, prev)
+    recorded = tuple(updates)
+    _check_updates(height, header, recorded, check_model)
     if check_model:
         check_weights(height, header, weights_blob)
-    verified = VerifiedBlock(block, signed_records, bytes(weights_blob), cosigs)
+    verified = VerifiedBlock(block, signed_records, bytes(weights_blob), cosigs, recorded)
     if validators is not None:
         verified.check_final(validators)
     return verified
@@ -217,6 +227,7 @@ def check_block(stored: StoredBlock, prev: Head | None, allowed: Collection[str]
             raise VerificationError(h, "records", f"record positions are not 0..n-1 (found {row.position})")
     _check_records(h, header, [SignedRecord(bytes(r.record_bytes), bytes(r.signature)) for r in stored.records],
                    [r.indexed for r in stored.records])
+    _check_stored_updates(h, header, stored.updates)
     return header
 
 
@@ -365,6 +376,63 @@ def _check_records(height: int, header: BlockHeader, records: Sequence[SignedRec
                                 f"root of {len(leaves)} records {root} != header {header.records_root}")
     if len(leaves) != header.participants or samples != header.total_samples:
         raise VerificationError(height, "merkle", "participants or total_samples do not match the records")
+
+
+def _check_updates_root(height: int, header: BlockHeader, leaves: Sequence[bytes]) -> None:
+    """The leaves of a block's recorded updates against the root its header commits to; none without one."""
+    if UPDATES_ROOT not in header.params:
+        if leaves:
+            raise VerificationError(height, "updates", f"{len(leaves)} recorded update(s), but the header commits "
+                                                       "to none")
+        return
+    root = merkle_root(list(leaves))
+    committed = header.params[UPDATES_ROOT]
+    if not isinstance(committed, str) or not _same(root, committed):
+        raise VerificationError(height, "updates", f"root of {len(leaves)} recorded updates {root} != header "
+                                                   f"{header.params[UPDATES_ROOT]}")
+
+
+def _check_updates(height: int, header: BlockHeader, updates: Sequence[RecordedUpdate], check_model: bool) -> None:
+    """Recorded updates received whole: the root, then each record's signature, round and base model, status,
+    reason and trainer (each once), and with ``check_model`` that its weights hash to the record's update_hash."""
+    _check_updates_root(height, header, [u.leaf for u in updates])
+    trainers: set[str] = set()
+    for pos, update in enumerate(updates):
+        try:
+            record = update.record.check()
+        except MalformedError as exc:
+            raise VerificationError(height, "updates", f"recorded update {pos}: {exc}") from exc
+        if record.round != header.round or not _same(record.base_model_hash, header.base_model_hash):
+            raise VerificationError(height, "updates", f"recorded update {pos} is for another round or base model")
+        if update.status not in STATUSES:
+            raise VerificationError(height, "updates", f"recorded update {pos} has unknown status "
+                                                       f"{update.status[:20]!r}")
+        if len(update.reason) > MAX_REASON_CHARS:
+            raise VerificationError(height, "updates", f"recorded update {pos}: reason longer than "
+                                                       f"{MAX_REASON_CHARS} characters")
+        if record.trainer_id in trainers:
+            raise VerificationError(height, "updates", f"trainer {record.trainer_id} has two recorded updates")
+        trainers.add(record.trainer_id)
+        if check_model:
+            try:
+                weights = decode_weights(update.blob)
+            except EncodingError as exc:   # TensorFormatError is an EncodingError
+                raise VerificationError(height, "updates", f"recorded update {pos}: weights do not decode: "
+                                                           f"{exc}") from exc
+            if not _same(model_hash(weights), record.update_hash):
+                raise VerificationError(height, "updates", f"recorded update {pos}: weights do not hash to its "
+                                                           "record's update_hash")
+
+
+def _check_stored_updates(height: int, header: BlockHeader, rows: Sequence[StoredUpdate]) -> None:
+    """Stored recorded-update rows (weights not read): positions 0..n-1 and their leaves against the root."""
+    for expected_pos, row in enumerate(rows):
+        if row.position != expected_pos:
+            raise VerificationError(height, "updates", f"recorded update positions are not 0..n-1 "
+                                                       f"(found {row.position})")
+    _check_updates_root(height, header, [
+        RecordedUpdate(SignedRecord(bytes(r.record_bytes), bytes(r.signature)), r.status, r.reason, b"").leaf
+        for r in rows])
 
 
 def _check_checkpoint(checkpoint: Checkpoint, blocks: list[StoredBlock], trusted: set[str]) -> None:

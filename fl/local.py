@@ -64,6 +64,11 @@ class InProcessParticipant:
         return len(self._train_idx)
 
     @property
+    def num_classes(self) -> int:
+        """How many classes the dataset's labels name."""
+        return self._dataset.num_classes
+
+    @property
     def train_indices(self) -> np.ndarray:
         """The indices of this client's training samples in the shared dataset (a copy)."""
         return self._train_idx.numpy().copy()
@@ -84,10 +89,14 @@ class InProcessParticipant:
                              f"got {sorted(weights)}")
         self._personal = {k: np.array(weights[k], order="C", copy=True) for k in self.personal_keys}
 
-    def fit(self, weights: dict[str, np.ndarray], ins: FitIns, cancel: threading.Event | None = None) -> FitRes:
+    def fit(self, weights: dict[str, np.ndarray], ins: FitIns, cancel: threading.Event | None = None,
+            label_map: np.ndarray | None = None) -> FitRes:
         """Train the shared weights (plus own personal layers) locally; return only the shared keys. Setting
-        ``cancel`` stops training between batches with fl.train.TrainingCancelled (personal layers unchanged)."""
+        ``cancel`` stops training between batches with fl.train.TrainingCancelled (personal layers unchanged).
+        With ``label_map`` it trains on label ``label_map[y]`` instead of ``y`` (a label-flipping attacker)."""
         x, y = self._dataset.train_x[self._train_idx], self._dataset.train_y[self._train_idx]
+        if label_map is not None:
+            y = torch.as_tensor(np.asarray(label_map, dtype=np.int64))[y]
         with self._bench.lock:
             self._load(weights)
             metrics = train_model(

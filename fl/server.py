@@ -15,6 +15,8 @@ from fl.strategy import Aggregator
 
 log = logging.getLogger(__name__)
 
+REJECTED = "rejected: "   # how a failure reason starts when the update arrived and was refused (not a dropout)
+
 
 class RoundFailed(RuntimeError):
     """No participant produced a usable result, so the round has no new model."""
@@ -47,6 +49,7 @@ def run_round(
     check: Callable[[Participant, FitRes], None] | None = None,
     max_workers: int = 1,
     on_result: Callable[[str, FitRes], None] | None = None,
+    validate: bool = True,
 ) -> RoundOutcome:
     """Run one round; results are folded in participant order whatever the concurrency, so the aggregate is
     bit-identical. One participant failing is a failure in the outcome, never an exception.
@@ -54,6 +57,8 @@ def run_round(
     ``ins_for(index, participant)`` gives each participant its instructions; ``aggregator`` (the strategy's) folds
     the results; ``check(participant, res)`` may refuse a result (ValueError) before it is folded, e.g. a receipt
     that does not match; ``on_result(id, res)`` is called for each folded result, in participant order.
+    ``validate=False`` leaves the content checks (``check_update``) to the caller: a super node that forwards
+    every update to the proposer, which validates them all in one place.
     """
     if max_workers < 1:
         raise ValueError(f"max_workers must be at least 1, got {max_workers}")
@@ -70,12 +75,15 @@ def run_round(
             log.warning("round %d: participant %s failed: %s", round, pid, failures[-1][1])
             return
         try:
-            _check_result(outcome, global_weights)
+            if validate:
+                _check_result(outcome, global_weights)
+            elif not isinstance(outcome, FitRes):
+                raise TypeError(f"fit returned {type(outcome).__name__}, expected FitRes")
             if check is not None:
                 check(participant, outcome)
             acc.add(outcome.weights, outcome.samples)
         except (ValueError, TypeError) as exc:
-            failures.append((pid, f"rejected: {exc}"))
+            failures.append((pid, f"{REJECTED}{exc}"))
             log.warning("round %d: result of %s rejected: %s", round, pid, exc)
             return
         kept = dataclasses.replace(outcome, weights={})
@@ -125,21 +133,40 @@ def _run_concurrently(participants: Sequence[Participant], weights: Mapping[str,
                 next_index += 1
 
 
-def _check_result(res: FitRes, global_weights: Mapping[str, np.ndarray]) -> None:
-    """A result may hold a subset of the global tensors (FedPer), each with the global shape and dtype."""
-    if not isinstance(res, FitRes):
-        raise TypeError(f"fit returned {type(res).__name__}, expected FitRes")
-    if not res.weights:
+def check_update(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                 max_norm: float | None = None) -> None:
+    """An update must hold exactly the reference model's tensors (the strategy's shared keys: FedPer's personal
+    layers never leave the edge node, so they are not among them), each with its shape and dtype, all finite, and
+    (``max_norm``) be at most that far (L2, over the floating tensors) from the reference. ValueError naming the
+    first problem. A subset is refused: it would otherwise decide which tensors an average has."""
+    if not weights:
         raise ValueError("result carries no weights")
-    for name, array in res.weights.items():
-        if name not in global_weights:
-            raise ValueError(f"unknown tensor {name!r}")
-        ref = global_weights[name]
+    unknown = sorted(set(weights) - set(reference))
+    if unknown:
+        raise ValueError(f"unknown tensor {unknown[0]!r}")
+    missing = sorted(set(reference) - set(weights))
+    if missing:
+        raise ValueError(f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}: an update holds every shared tensor")
+    squares = 0.0
+    for name in sorted(weights):
+        array, ref = weights[name], reference[name]
         if not isinstance(array, np.ndarray) or array.shape != ref.shape or array.dtype != ref.dtype:
             raise ValueError(f"tensor {name!r} does not match the global model's shape {ref.shape} and dtype "
                              f"{ref.dtype}")
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise ValueError(f"tensor {name!r} has NaN or infinite values")
+        if np.issubdtype(array.dtype, np.floating):
+            if not np.isfinite(array).all():
+                raise ValueError(f"tensor {name!r} has NaN or infinite values")
+            if max_norm is not None:
+                squares += float(np.sum(np.square(array.astype(np.float64) - ref.astype(np.float64))))
+    if max_norm is not None and math.sqrt(squares) > max_norm:
+        raise ValueError(f"update is {math.sqrt(squares):.4g} from the base model (L2), more than the bound "
+                         f"{max_norm:g} (--max-update-norm)")
+
+
+def _check_result(res: FitRes, global_weights: Mapping[str, np.ndarray]) -> None:
+    if not isinstance(res, FitRes):
+        raise TypeError(f"fit returned {type(res).__name__}, expected FitRes")
+    check_update(res.weights, global_weights)
 
 
 def evaluate_personalised(participants: Sequence[Participant], weights: Mapping[str, np.ndarray]) -> dict[str, float]:

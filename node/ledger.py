@@ -16,6 +16,7 @@ from chain.checkpoint import Checkpoint
 from chain.keys import NodeKey
 from chain.private import PRIVATE_FILE, private_dir, tighten
 from chain.tensors import encode_weights, model_hash
+from chain.updates import UPDATES_ROOT, RecordedUpdate, updates_root
 from chain.validators import MembershipError, validators_after
 from chain.verify import Head, VerifiedBlock, VerifyReport, extends, verify_block, verify_chain
 from storage.store import LedgerStore, NotExtendingHead
@@ -201,12 +202,15 @@ class Ledger:
 
     def build(self, *, round: int, algorithm: str, params: dict[str, Any], weights: dict[str, np.ndarray],
               records: Sequence[SignedRecord], metrics: dict[str, int], timestamp_ms: int,
-              weights_blob: bytes | None = None) -> VerifiedBlock:
+              weights_blob: bytes | None = None, updates: Sequence[RecordedUpdate] = ()) -> VerifiedBlock:
         """Build and sign the block that would extend the head (genesis on an empty chain), without adding it.
 
         ``records`` must be receipts whose signatures were checked on arrival; they must be for ``round`` and
         start from the head's model (ValueError otherwise). ``weights_blob``, when given, must be
         ``encode_weights(weights)``; otherwise the weights are encoded here. The weights are hashed once.
+        ``updates`` (``--record-updates``: every update the round received, chain.updates) are stored with the
+        block, which commits to them with ``params[UPDATES_ROOT]``; their records' signatures and weights must
+        have been checked on arrival.
         A proposer that needs co-signatures builds, collects them (``VerifiedBlock.cosigned``), then accepts: its
         ledger never holds a block the other super nodes did not agree to.
         """
@@ -218,18 +222,22 @@ class Ledger:
             if record.round != round or record.base_model_hash != base:
                 raise ValueError(f"record {pos} (trainer {record.trainer_id}) is for round {record.round} from "
                                  f"model {record.base_model_hash[:16]}..., not round {round} from {base[:16]}...")
+        if updates:
+            params = {**params, UPDATES_ROOT: updates_root(updates)}
         header = build_header(prev=head, prev_hash=head.hash if head is not None else None,
                               timestamp_ms=timestamp_ms, round=round, algorithm=algorithm, params=params,
                               model_hash=digest, records=records, metrics=metrics, proposer=self.key)
         blob = weights_blob if weights_blob is not None else encode_weights(weights)
-        return VerifiedBlock(SignedBlock.create(header, self.key), tuple(records), blob)
+        return VerifiedBlock(SignedBlock.create(header, self.key), tuple(records), blob, updates=tuple(updates))
 
     def verify(self, block: SignedBlock, records: Iterable[SignedRecord], weights_blob: bytes,
-               cosignatures: Iterable[Cosignature] = (), *, final: bool = False) -> VerifiedBlock:
+               cosignatures: Iterable[Cosignature] = (), *, final: bool = False,
+               updates: Iterable[RecordedUpdate] = ()) -> VerifiedBlock:
         """Verify a block received from elsewhere against this node's head, the chain's authority and the validator
         set in force: a membership change must apply to it, and with ``final`` (a block synced whole, with its
         co-signatures) the block must be final under it. A proposal being co-signed is checked for finality when
-        it is committed (``accept``).
+        it is committed (``accept``). ``updates`` are the block's recorded updates (chain.updates), checked
+        against the root its header commits to.
 
         Raises NotExtendingHead when it is not the next block after the head (stale, or this node is behind),
         chain.verify.VerificationError when anything else is wrong.
@@ -246,7 +254,7 @@ class Ledger:
         validators = self._validators
         verified = verify_block(block, records, weights_blob, cosignatures, prev=head,
                                 authorities=[authority, *validators] if authority is not None else None,
-                                validators=validators if final else None)
+                                validators=validators if final else None, updates=updates)
         verified.validators_after(validators)
         return verified
 
@@ -313,8 +321,14 @@ class Ledger:
         """The encoded model recorded at ``height``, checked against its chunk digests only (for serving peers)."""
         return self.store.load_weights_blob(self._durable_height(height))
 
+    def recorded_updates(self, height: int) -> list[RecordedUpdate]:
+        """The recorded updates of block ``height`` with their weights (chunk digests checked; [] when it has
+        none), after waiting for its write if it is still queued."""
+        return self.store.recorded_updates(self._durable_height(height))
+
     def blocks(self, start: int, end: int | None = None) -> Iterator[VerifiedBlock]:
-        """Blocks ``start..end`` (inclusive; default: to the head) with their records, blob and co-signatures."""
+        """Blocks ``start..end`` (inclusive; default: to the head) with their records, blob, co-signatures and
+        recorded updates."""
         if end is None and self._head is None:
             return iter(())
         return self.store.blocks(start, self._durable_height(end))

@@ -11,16 +11,21 @@ import numpy as np
 import torch
 
 from chain.keys import NodeKey
+from chain.updates import AGGREGATE
 from config import Config, ConfigError, local_test_fraction
 from fl.aggregate import Weights
+from fl.attacks import Attack, Coalition, Trainer, choose_attackers, parse_attack
 from fl.data import Dataset, load_dataset
 from fl.local import InProcessParticipant, Workbench
 from fl.models import build_model, default_model_for
+from fl.participant import FitIns, FitRes
 from fl.partition import local_split, partition
+from fl.robust import parse_rule
 from fl.strategy import FedAvg, make_strategy
 from fl.train import evaluate as evaluate_model
 from fl.weights import load_numpy, state_to_numpy
 from node.engine.edge import EdgeCore
+from node.engine.types import Plan
 
 
 def configure_torch(cfg: Config) -> str:
@@ -65,12 +70,36 @@ def run_params(cfg: Config, strategy: FedAvg, data_source: str, super_nodes: int
                   local_test_fraction=repr(local_test_fraction(cfg)))
     if super_nodes > 1:
         params["super_nodes"] = str(super_nodes)
+    # Recorded only when they differ from plain FedAvg, so chains without them keep the parameters they had.
+    rule = parse_rule(cfg.aggregate).spec()
+    if rule != "fedavg":
+        params[AGGREGATE] = rule
+    if cfg.max_update_norm is not None:
+        params["max_update_norm"] = repr(cfg.max_update_norm)
     return params
 
 
 def timestamp(cfg: Config, round: int) -> int:
     """A block's timestamp: logical (round x 1000 ms) with --reproducible, so equal runs give equal hashes."""
     return round * 1000 if cfg.reproducible else int(time.time() * 1000)
+
+
+def attacker_shares(cfg: Config, share_count: int, first_share: int, count: int) -> list[int]:
+    """The data shares whose edge nodes attack: none without --attack; in the simulator (--attackers F) a share F of
+    all of them, drawn from the run's seed; an edge node process given --attack attacks with every share it hosts."""
+    if cfg.attack is None:
+        return []
+    if cfg.attackers > 0:
+        return choose_attackers(cfg.seed, share_count, cfg.attackers)
+    return list(range(first_share, first_share + count))
+
+
+def _honest(participant: InProcessParticipant) -> Trainer:
+    """The participant's honest fit as an attack's Trainer (whose third argument is the label map, not fit's
+    ``cancel``)."""
+    def train(weights: Weights, ins: FitIns, label_map: np.ndarray | None) -> FitRes:
+        return participant.fit(weights, ins, label_map=label_map)
+    return train
 
 
 def edge_cores(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_count: int,
@@ -93,6 +122,13 @@ def edge_cores(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_cou
     cores = [EdgeCore(InProcessParticipant(f"client-{first_share + i:03d}", dataset, *shares[first_share + i], bench,
                                            shared, personal), key, share=first_share + i)
              for i, key in enumerate(keys)]
+    attackers = set(attacker_shares(cfg, share_count, first_share, len(keys)))
+    coalition = Coalition(share_count, cfg.seed)   # this process's colluding attackers (ALIE pools their updates)
+    for core in cores:
+        if core.share in attackers and cfg.attack is not None:
+            assert core.share is not None
+            core.attack = Attack(parse_attack(cfg.attack), coalition, share=core.share)
+            coalition.join(_honest(core.participant), core.share)
     return cores, bench, dataset
 
 
@@ -129,6 +165,10 @@ class RunContext:
 
     def params(self) -> dict[str, str]:
         return run_params(self.cfg, self.strategy, self.dataset.source, self.super_nodes)
+
+    def plan(self) -> Plan:
+        """The round instructions every super node follows: the strategy's, the aggregation rule, recording."""
+        return Plan.of(self.strategy, parse_rule(self.cfg.aggregate).spec(), self.cfg.record_updates)
 
     def genesis_weights(self) -> Weights:
         """The shared keys of the seeded initial model (FedPer: base layers)."""

@@ -127,20 +127,24 @@ class MemberList(_message.Message):
     def __init__(self, members: _Optional[_Iterable[_Union[MemberEntry, _Mapping]]] = ...) -> None: ...
 
 class RoundPlan(_message.Message):
-    __slots__ = ("algorithm", "lr", "local_epochs", "batch_size", "momentum", "seed")
+    __slots__ = ("algorithm", "lr", "local_epochs", "batch_size", "momentum", "seed", "aggregate", "record_updates")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    RECORD_UPDATES_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     lr: float
     local_epochs: int
     batch_size: int
     momentum: float
     seed: int
-    def __init__(self, algorithm: _Optional[str] = ..., lr: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    aggregate: str
+    record_updates: bool
+    def __init__(self, algorithm: _Optional[str] = ..., lr: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., aggregate: _Optional[str] = ..., record_updates: _Optional[bool] = ...) -> None: ...
 
 class RoundAnnouncement(_message.Message):
     __slots__ = ("round", "base_height", "base_model_hash", "proposer_id", "participants", "plan", "view", "target_round")
@@ -201,28 +205,48 @@ class PartialHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., sn_id: _Optional[str] = ..., samples: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PartialPart(_message.Message):
-    __slots__ = ("header", "record", "weights")
+    __slots__ = ("header", "record", "weights", "update")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
     header: PartialHeader
     record: SignedRecord
     weights: WeightsChunk
-    def __init__(self, header: _Optional[_Union[PartialHeader, _Mapping]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ...) -> None: ...
+    update: ForwardedUpdate
+    def __init__(self, header: _Optional[_Union[PartialHeader, _Mapping]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., update: _Optional[_Union[ForwardedUpdate, _Mapping]] = ...) -> None: ...
+
+class ForwardedUpdate(_message.Message):
+    __slots__ = ("record",)
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    record: SignedRecord
+    def __init__(self, record: _Optional[_Union[SignedRecord, _Mapping]] = ...) -> None: ...
 
 class BlockPart(_message.Message):
-    __slots__ = ("block", "record", "weights", "cosignature", "info")
+    __slots__ = ("block", "record", "weights", "cosignature", "info", "recorded")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     COSIGNATURE_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
     block: SignedBlock
     record: SignedRecord
     weights: WeightsChunk
     cosignature: Cosignature
     info: ProposalInfo
-    def __init__(self, block: _Optional[_Union[SignedBlock, _Mapping]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., cosignature: _Optional[_Union[Cosignature, _Mapping]] = ..., info: _Optional[_Union[ProposalInfo, _Mapping]] = ...) -> None: ...
+    recorded: RecordedUpdateHead
+    def __init__(self, block: _Optional[_Union[SignedBlock, _Mapping]] = ..., record: _Optional[_Union[SignedRecord, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., cosignature: _Optional[_Union[Cosignature, _Mapping]] = ..., info: _Optional[_Union[ProposalInfo, _Mapping]] = ..., recorded: _Optional[_Union[RecordedUpdateHead, _Mapping]] = ...) -> None: ...
+
+class RecordedUpdateHead(_message.Message):
+    __slots__ = ("record", "status", "reason")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    record: SignedRecord
+    status: str
+    reason: str
+    def __init__(self, record: _Optional[_Union[SignedRecord, _Mapping]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ProposalInfo(_message.Message):
     __slots__ = ("view", "sender_id")
@@ -365,7 +389,7 @@ class TrainRequest(_message.Message):
     def __init__(self, rounds: _Optional[int] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("round", "height", "block_hash", "participants", "failures", "metrics", "message", "timings", "error")
+    __slots__ = ("round", "height", "block_hash", "participants", "failures", "metrics", "message", "timings", "error", "excluded")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -389,6 +413,7 @@ class TrainProgress(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     round: int
     height: int
     block_hash: str
@@ -398,7 +423,8 @@ class TrainProgress(_message.Message):
     message: str
     timings: _containers.ScalarMap[str, float]
     error: bool
-    def __init__(self, round: _Optional[int] = ..., height: _Optional[int] = ..., block_hash: _Optional[str] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., error: _Optional[bool] = ...) -> None: ...
+    excluded: _containers.RepeatedCompositeFieldContainer[Failure]
+    def __init__(self, round: _Optional[int] = ..., height: _Optional[int] = ..., block_hash: _Optional[str] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., error: _Optional[bool] = ..., excluded: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ...) -> None: ...
 
 class EvalReply(_message.Message):
     __slots__ = ("loss", "accuracy", "samples", "edges", "edge_accuracy_mean", "edge_accuracy_min", "edge_accuracy_max")

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 tables for blocks, update records, weight chunks, co-signatures and client state."""
+"""SQLAlchemy 2.0 tables: blocks, update records, weight chunks, recorded updates, co-signatures, client state."""
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, ForeignKey, Integer, LargeBinary, String
@@ -50,6 +50,33 @@ class ChunkRow(Base):
     __tablename__ = "model_chunks"
     height: Mapped[int] = mapped_column(BigInteger, ForeignKey("blocks.height"), primary_key=True,
                                         autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    digest: Mapped[str] = mapped_column(Hash)
+    data: Mapped[bytes] = mapped_column(Blob)
+
+
+class RecordedUpdateRow(Base):
+    """A recorded update of a block (chain/updates.py, ``--record-updates``), at its Merkle leaf position; its
+    weights are in RecordedUpdateChunkRow."""
+
+    __tablename__ = "recorded_updates"
+    height: Mapped[int] = mapped_column(BigInteger, ForeignKey("blocks.height"), primary_key=True,
+                                        autoincrement=False)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    trainer_id: Mapped[str] = mapped_column(NodeId, index=True)
+    status: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str] = mapped_column(String(320))   # at most chain.updates.MAX_REASON_CHARS, with room to spare
+    record_bytes: Mapped[bytes] = mapped_column(Blob)
+    signature: Mapped[bytes] = mapped_column(LargeBinary(64))
+
+
+class RecordedUpdateChunkRow(Base):
+    """A piece of a recorded update's weight blob (chunked like the model)."""
+
+    __tablename__ = "recorded_update_chunks"
+    height: Mapped[int] = mapped_column(BigInteger, ForeignKey("blocks.height"), primary_key=True,
+                                        autoincrement=False)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     digest: Mapped[str] = mapped_column(Hash)
     data: Mapped[bytes] = mapped_column(Blob)

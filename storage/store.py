@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import hmac
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import delete, false, func, select, update
@@ -12,11 +13,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.encoding import ZERO_HASH, sha256_hex
-from chain.source import StoredBlock, StoredChunk, StoredRecord
+from chain.source import StoredBlock, StoredChunk, StoredRecord, StoredUpdate
 from chain.tensors import split_chunks
+from chain.updates import RecordedUpdate
 from chain.verify import Head, VerificationError, VerifiedBlock, check_model, extends, read_blob
 from storage.engine import StorageUnavailable, make_engine
-from storage.models import Base, BlockRow, ChunkRow, ClientStateRow, CosignatureRow, RecordRow
+from storage.models import (
+    Base,
+    BlockRow,
+    ChunkRow,
+    ClientStateRow,
+    CosignatureRow,
+    RecordedUpdateChunkRow,
+    RecordedUpdateRow,
+    RecordRow,
+)
 
 __all__ = ["CHUNK_BYTES", "Head", "LedgerStore", "NotExtendingHead", "StoreError"]
 
@@ -33,7 +44,7 @@ class NotExtendingHead(StoreError):
 
 
 class LedgerStore:
-    """Blocks, records, weights and co-signatures in one SQL database (SQLite or MySQL).
+    """Blocks, records, weights, recorded updates and co-signatures in one SQL database (SQLite or MySQL).
 
     It holds only verified blocks: ``append`` takes a chain.verify.VerifiedBlock and checks only that it extends
     the stored head. ``verify_chain`` re-checks everything stored (the store is a ChainSource).
@@ -58,7 +69,8 @@ class LedgerStore:
     # ---- writing -------------------------------------------------------------------------------------------
 
     def append(self, verified: VerifiedBlock, *, client_state: dict[str, bytes] | None = None) -> None:
-        """Write a verified block whole (records, weight chunks, co-signatures, client state) in one transaction.
+        """Write a verified block whole (records, weight chunks, recorded updates with their weight chunks,
+        co-signatures, client state) in one transaction.
 
         Raises NotExtendingHead, writing nothing, unless it is the next block after the stored head.
         """
@@ -84,6 +96,16 @@ class LedgerStore:
                 for seq, data in enumerate(chunks):
                     session.add(ChunkRow(height=header.height, seq=seq, digest=sha256_hex(data), data=data))
                     session.flush()   # one INSERT per chunk keeps each statement under max_allowed_packet
+                for pos, recorded in enumerate(verified.updates):
+                    rec = recorded.record
+                    session.add(RecordedUpdateRow(height=header.height, position=pos,
+                                                  trainer_id=rec.record.trainer_id, status=recorded.status,
+                                                  reason=recorded.reason, record_bytes=rec.record_bytes,
+                                                  signature=rec.signature))
+                    for seq, data in enumerate(split_chunks(recorded.blob, self.chunk_bytes)):
+                        session.add(RecordedUpdateChunkRow(height=header.height, position=pos, seq=seq,
+                                                           digest=sha256_hex(data), data=data))
+                        session.flush()   # as above: one chunk per INSERT
                 for cosig in verified.cosignatures:
                     session.add(CosignatureRow(height=header.height, signer_key=cosig.signer_key,
                                                signature=cosig.signature))
@@ -104,6 +126,8 @@ class LedgerStore:
             conn.execute(update(BlockRow).where(false()).values(height=BlockRow.height))
             conn.execute(update(RecordRow).where(false()).values(height=RecordRow.height))
             conn.execute(update(ChunkRow).where(false()).values(height=ChunkRow.height))
+            conn.execute(update(RecordedUpdateRow).where(false()).values(height=RecordedUpdateRow.height))
+            conn.execute(update(RecordedUpdateChunkRow).where(false()).values(height=RecordedUpdateChunkRow.height))
             conn.execute(update(CosignatureRow).where(false()).values(height=CosignatureRow.height))
             conn.execute(update(ClientStateRow).where(false()).values(client_id=ClientStateRow.client_id))
             conn.rollback()
@@ -160,15 +184,54 @@ class LedgerStore:
 
     def blocks(self, start: int = 0, end: int | None = None) -> Iterator[VerifiedBlock]:
         """Stored blocks ``start..end`` (inclusive; ``end`` None: to the head) with their records, blob (chunk
-        digests checked) and co-signatures. They count as verified: the store holds only verified blocks."""
+        digests checked), co-signatures and recorded updates (likewise). They count as verified: the store holds
+        only verified blocks."""
         for stored in self.iter_blocks(start, end):
             try:
                 blob = read_blob(stored)
             except VerificationError as exc:
                 raise StoreError(str(exc)) from exc
+            recorded = self._with_blobs(stored.height, stored.updates) if stored.updates else []
             yield VerifiedBlock(SignedBlock(stored.header_bytes, stored.signature),
                                 tuple(SignedRecord(r.record_bytes, r.signature) for r in stored.records), blob,
-                                tuple(Cosignature(key, sig) for key, sig in stored.cosignatures))
+                                tuple(Cosignature(key, sig) for key, sig in stored.cosignatures), tuple(recorded))
+
+    def recorded_updates(self, height: int) -> list[RecordedUpdate]:
+        """The recorded updates of block ``height`` (chain.updates) with their weights, each chunk checked against
+        its digest (not decoded); [] for a block without any. StoreError names the height and position of an
+        update whose rows or chunks are not intact."""
+        with self.session() as session:
+            rows = [_stored_update(r) for r in session.scalars(
+                select(RecordedUpdateRow).where(RecordedUpdateRow.height == height)
+                .order_by(RecordedUpdateRow.position))]
+        return self._with_blobs(height, rows) if rows else []
+
+    def _with_blobs(self, height: int, rows: Sequence[StoredUpdate]) -> list[RecordedUpdate]:
+        """Recorded-update rows of block ``height`` joined with their weight chunks (positions and chunk sequence
+        0..n-1, each chunk's digest checked)."""
+        pieces: dict[int, list[StoredChunk]] = {}
+        with self.session() as session:
+            for c in session.execute(select(RecordedUpdateChunkRow.position, RecordedUpdateChunkRow.seq,
+                                            RecordedUpdateChunkRow.data, RecordedUpdateChunkRow.digest)
+                                     .where(RecordedUpdateChunkRow.height == height)
+                                     .order_by(RecordedUpdateChunkRow.position, RecordedUpdateChunkRow.seq)):
+                pieces.setdefault(c.position, []).append(StoredChunk(c.seq, c.data, c.digest))
+        out = []
+        for expected_pos, row in enumerate(rows):
+            where = f"height {height}: recorded update {row.position}"
+            if row.position != expected_pos:
+                raise StoreError(f"{where}: positions are not 0..n-1 (expected {expected_pos})")
+            chunks = pieces.get(row.position, [])
+            if not chunks:
+                raise StoreError(f"{where}: no stored weights")
+            for expected_seq, chunk in enumerate(chunks):
+                if chunk.seq != expected_seq:
+                    raise StoreError(f"{where}: weight chunks are not 0..n-1 (found {chunk.seq})")
+                if not hmac.compare_digest(sha256_hex(bytes(chunk.data)).encode(), str(chunk.digest).encode()):
+                    raise StoreError(f"{where}: weight chunk {chunk.seq} does not match its digest")
+            out.append(RecordedUpdate(SignedRecord(bytes(row.record_bytes), bytes(row.signature)), row.status,
+                                      row.reason, b"".join(bytes(c.data) for c in chunks)))
+        return out
 
     def _stored(self, height: int) -> StoredBlock:
         stored = next(self.iter_blocks(height, height), None)
@@ -204,6 +267,10 @@ class LedgerStore:
                 for c in session.scalars(select(CosignatureRow).where(CosignatureRow.height.between(lo, hi))
                                          .order_by(CosignatureRow.height, CosignatureRow.signer_key)):
                     cosigs.setdefault(c.height, []).append((c.signer_key, c.signature))
+                updates: dict[int, list[StoredUpdate]] = {}   # without weights: verify_chain reads none
+                for u in session.scalars(select(RecordedUpdateRow).where(RecordedUpdateRow.height.between(lo, hi))
+                                         .order_by(RecordedUpdateRow.height, RecordedUpdateRow.position)):
+                    updates.setdefault(u.height, []).append(_stored_update(u))
             for row in rows:
                 yield StoredBlock(
                     row.height, row.hash, row.header_bytes, row.signature,
@@ -211,7 +278,7 @@ class LedgerStore:
                      "timestamp_ms": row.timestamp_ms, "model_hash": row.model_hash,
                      "proposer_id": row.proposer_id},
                     records.get(row.height, []), cosigs.get(row.height, []),
-                    functools.partial(self._chunks, row.height))
+                    functools.partial(self._chunks, row.height), updates.get(row.height, []))
             next_height = hi + 1
 
     # ---- client state ----------------------------------------------------------------------------------------
@@ -223,8 +290,13 @@ class LedgerStore:
     def reset(self) -> None:
         """Drop every block and client state (``--fresh``)."""
         with self.session.begin() as session:
-            for table in (ClientStateRow, CosignatureRow, ChunkRow, RecordRow, BlockRow):
+            for table in (ClientStateRow, CosignatureRow, RecordedUpdateChunkRow, RecordedUpdateRow, ChunkRow,
+                          RecordRow, BlockRow):
                 session.execute(delete(table))
+
+
+def _stored_update(row: RecordedUpdateRow) -> StoredUpdate:
+    return StoredUpdate(row.position, row.record_bytes, row.signature, row.status, row.reason)
 
 
 def _safe(url: str) -> str:

@@ -30,9 +30,10 @@ MISSED_BEATS = 25
 
 
 def config(root: Path, **over: Any) -> Config:
-    over.setdefault("retry_for_s", 0.0)   # a failed round ends the job: tests see the failure at once
-    return Config(dataset="mnist", model="2nn", clients=4, rounds=2, partition_count=4, threads=1,
-                  reproducible=True, data_root=str(root), **over)
+    settings: dict[str, Any] = {"dataset": "mnist", "model": "2nn", "clients": 4, "rounds": 2, "partition_count": 4,
+                                "threads": 1, "reproducible": True,
+                                "retry_for_s": 0.0}   # a failed round ends the job: tests see the failure at once
+    return Config(**{**settings, **over, "data_root": str(root)})
 
 
 class Flaky:
@@ -45,10 +46,10 @@ class Flaky:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def fit(self, weights: dict[str, np.ndarray], ins: FitIns) -> FitRes:
+    def fit(self, weights: dict[str, np.ndarray], ins: FitIns, **options: Any) -> FitRes:
         if self.broken:
             raise RuntimeError("edge node crashed while training")
-        return self.inner.fit(weights, ins)
+        return self.inner.fit(weights, ins, **options)
 
     def evaluate(self, weights: dict[str, np.ndarray]) -> EvalRes:
         return self.inner.evaluate(weights)
@@ -76,7 +77,7 @@ class Network:
         cores, _, _ = edge_cores(self.cfg, keys, 0, edges)
         for core in cores:
             flaky = Flaky(core.participant)
-            en = EdgeNode(EdgeCore(flaky, core.key, share=core.share),  # type: ignore[arg-type]
+            en = EdgeNode(EdgeCore(flaky, core.key, share=core.share, attack=core.attack),  # type: ignore[arg-type]
                           "127.0.0.1:0", self.entry.address, heartbeat_interval=BEAT)
             en.start()
             self.flaky.append(flaky)

@@ -63,6 +63,12 @@ def test_cli_verify_skip_models_does_not_read_weights(chain_template, chain_copy
     assert (full.returncode, "height 4" in full.stdout, skipped.returncode) == (1, True, 0)
 
 
+def test_cli_verify_recompute_counts_blocks_without_recorded_updates_as_skipped(chain_template, chain_copy):
+    result = verify("--db", chain_copy, "--recompute")
+    assert (result.returncode, "recompute: 0 blocks re-aggregated" in result.stdout,
+            "without recorded updates" in result.stdout) == (0, True, True), result.stdout + result.stderr
+
+
 def test_cli_verify_missing_checkpoint_file_is_a_usage_error(tmp_path):
     result = verify("--db", f"sqlite:///{tmp_path}/ledger.db", "--checkpoint", str(tmp_path / "nope.json"))
     assert (result.returncode, "does not exist" in result.stderr) == (2, True)

@@ -152,3 +152,56 @@ def test_invalid_toml_file_is_rejected_naming_the_file(tmp_path):
 def test_missing_config_file_is_rejected_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match="missing.toml"):
         load_config(str(tmp_path / "missing.toml"), env={})
+
+
+# ---------------------------------------------------------------- main.py flags for attacks and robust aggregation
+
+def parsed_config(*argv: str, keys=None) -> Config:
+    from node.cli.main import NODE_KEYS, RUN_KEYS, build_parser, config_from
+    args = build_parser().parse_args(list(argv))
+    return config_from(args, keys or (NODE_KEYS if argv[0] == "node" else RUN_KEYS))
+
+
+def test_simulate_flags_for_attacks_and_robust_aggregation_reach_the_config(tmp_path):
+    cfg = parsed_config("simulate", "--data-root", str(tmp_path), "--aggregate", "clip:norm=5+median",
+                        "--max-update-norm", "7.5", "--record-updates", "--attack", "sign-flip:scale=3",
+                        "--attackers", "0.25")
+    assert (cfg.aggregate, cfg.max_update_norm, cfg.record_updates, cfg.attack, cfg.attackers) == \
+        ("clip:norm=5+median", 7.5, True, "sign-flip:scale=3", 0.25)
+
+
+def test_simulate_without_the_new_flags_keeps_fedavg_and_no_attack(tmp_path):
+    cfg = parsed_config("simulate", "--data-root", str(tmp_path))
+    assert (cfg.aggregate, cfg.max_update_norm, cfg.record_updates, cfg.attack, cfg.attackers) == \
+        ("fedavg", None, False, None, 0.0)
+
+
+def test_edge_node_flags_take_an_attack_and_an_aggregation_rule(tmp_path):
+    cfg = parsed_config("node", "--data-root", str(tmp_path), "--nt", "EN", "--attack", "nan",
+                        "--aggregate", "multi-krum:f=1", "--record-updates")
+    assert (cfg.node_type, cfg.attack, cfg.aggregate, cfg.record_updates) == ("EN", "nan", "multi-krum:f=1", True)
+
+
+def test_cluster_flags_take_an_attack_and_its_share(tmp_path):
+    cfg = parsed_config("cluster", "--data-root", str(tmp_path), "--attack", "noise:sigma=0.5", "--attackers", "0.5",
+                        "--aggregate", "median")
+    assert (cfg.attack, cfg.attackers, cfg.aggregate) == ("noise:sigma=0.5", 0.5, "median")
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["simulate", "--aggregate", "mediun"], "aggregate"),
+    (["simulate", "--attack", "flip-everything"], "attack"),
+    (["simulate", "--attackers", "0.5"], "attackers"),
+    (["node", "--nt", "SN", "--attack", "nan"], "--attack"),
+], ids=["misspelt-rule", "unknown-attack", "attackers-without-attack", "attack-on-a-super-node"])
+def test_bad_attack_or_aggregation_flag_is_a_one_line_usage_error(argv, key, tmp_path, capsys):
+    from node.cli.main import run
+    code = run([*argv, "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert (code, len(err.strip().splitlines()), key in err) == (2, 1, True), err
+
+
+def test_cluster_gives_attacking_shares_edge_processes_of_their_own():
+    from node.cli.cluster import edge_groups
+    assert edge_groups(7, 3, {1, 2, 5}) == [(0, 1), (1, 2), (3, 2), (5, 1), (6, 1)]
+    assert edge_groups(5, 2, set()) == [(0, 2), (2, 2), (4, 1)]

@@ -16,6 +16,7 @@ from node.engine.membership import Member
 from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Note, Partial, Plan, RoundReport
 from node.engine.views import EdgeEval, EvalReport, MemberView, NodeStatus
 from node.rpc import serde
+from node.rpc.clients import RoundLine
 from node.rpc.transport import blob_chunks
 from proto.fledger_pb2 import BlockPart as BlockPartMsg
 from proto.fledger_pb2 import FitIns as FitInsMsg
@@ -329,3 +330,24 @@ def test_eval_report_round_trip() -> None:
                         edge_accuracy_mean=0.875, edge_accuracy_min=0.875, edge_accuracy_max=0.875)
 
     assert serde.eval_report_from_msg(serde.eval_report_to_msg(report)) == report
+
+
+def test_progress_excluded_updates_reach_the_console_line() -> None:
+    data = block_data()
+    excluded = [("e" * 32, "update norm 41.2 exceeds --max-update-norm 10"), ("f" * 32, "left out by multi-krum")]
+    report = RoundReport(round=2, block=data.block, metrics={}, participants=4, failures=list(excluded),
+                         excluded=excluded)
+
+    line = RoundLine.from_msg(serde.progress_to_msg(report))
+
+    assert (line.excluded, "excluded: eeeeeeeeeeee, ffffffffffff" in line.text()) == (excluded, True)
+
+
+def test_progress_lists_at_most_64_excluded_updates_with_clipped_reasons() -> None:
+    data = block_data()
+    report = RoundReport(round=2, block=data.block, metrics={}, participants=100, failures=[],
+                         excluded=[(f"{i:032x}", "x" * 1000) for i in range(100)])
+
+    line = RoundLine.from_msg(serde.progress_to_msg(report))
+
+    assert (len(line.excluded), max(len(why) for _, why in line.excluded) < 1000) == (64, True)

@@ -188,11 +188,35 @@ def _node_config_file(cfg: Config, path: Path) -> Path:
     """The run's FL settings, shared by every node through --config (node-specific ones go on the command line)."""
     from dataclasses import asdict
     skip = {"data_root", "db", "ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
-            "partition_count"}
+            "partition_count", "attack", "attackers"}   # the attack goes to the chosen edge processes only
     defaults = asdict(Config())
     values = {k: v for k, v in asdict(cfg).items() if k not in skip and v != defaults[k] and v is not None}
     path.write_text(json.dumps(values, indent=2))
     return path
+
+
+def _attackers(cfg: Config, edges: int, emit: Callable[[str], None]) -> list[int]:
+    """The shares that run ``cfg.attack``, drawn from the seed as ``simulate`` draws them; announced."""
+    if not cfg.attack or cfg.attackers <= 0:
+        return []
+    from fl.attacks import choose_attackers
+    chosen = choose_attackers(cfg.seed, edges, cfg.attackers)
+    emit(f"attackers: {len(chosen)} of {edges} edge nodes run {cfg.attack}: shares {', '.join(map(str, chosen))}")
+    return chosen
+
+
+def edge_groups(edges: int, per_process: int, attackers: set[int]) -> list[tuple[int, int]]:
+    """(first share, count) of each edge process: consecutive shares, at most ``per_process`` to a process, and
+    attacking shares never in a process with honest ones (``--attack`` applies to every edge a process hosts)."""
+    groups: list[tuple[int, int]] = []
+    for share in range(edges):
+        if groups:
+            first, count = groups[-1]
+            if count < per_process and (first in attackers) == (share in attackers):
+                groups[-1] = (first, count + 1)
+                continue
+        groups.append((share, 1))
+    return groups
 
 
 def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Callable[[str], None] = print,
@@ -248,13 +272,14 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
             emit(f"{node.name} on {node.address}")
         wait_for_members(entry, supernodes, 0, start_timeout, identity)
         edge_nodes_from = len(nodes)
-        for first in range(0, edges, edges_per_process):
-            hosted = min(edges_per_process, edges - first)
+        attackers = set(_attackers(cfg, edges, emit))
+        for first, hosted in edge_groups(edges, edges_per_process, attackers):
             name = f"en{first}" if hosted == 1 else f"en{first}-{first + hosted - 1}"
+            attack = ["--attack", cfg.attack] if first in attackers and cfg.attack else []
             nodes.append(start_node(name, root / name,
                                     ["--config", str(conf), "--nt", "EN", "--port", "0", "--entry", entry,
                                      "--partition-index", str(first), "--partition-count", str(edges),
-                                     "--hosted-edges", str(hosted), *join["EN"]]))
+                                     "--hosted-edges", str(hosted), *attack, *join["EN"]]))
         deadline = time.monotonic() + start_timeout
         for node in nodes[edge_nodes_from:]:
             node.wait_ready(deadline)
@@ -267,7 +292,7 @@ def run_cluster(cfg: Config, supernodes: int, edges: int, rounds: int, emit: Cal
         final = next((p.metrics for p in reversed(progress) if p.finished), {})
         return {"supernodes": supernodes, "edges": edges, "rounds": rounds, "secure": secure, "head_height": height,
                 "head_hash": head, "final_accuracy": final.get("accuracy"),
-                "round_timings": [p.timings for p in progress if p.finished],
+                "round_timings": [p.timings for p in progress if p.finished], "attackers": sorted(attackers),
                 "peak_rss_mib": {n.name: _peak_rss_mib(n.popen.pid) for n in nodes},
                 "wall_s": round(time.perf_counter() - started, 3), "root": str(root)}
     except NetError as exc:

@@ -7,10 +7,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chain.checkpoint import Checkpoint, CheckpointError
 from chain.keys import NodeKey
 from chain.verify import VerificationError, verify_chain
+
+if TYPE_CHECKING:
+    from node.engine.recompute import RecomputeReport
+    from storage.store import LedgerStore
 
 
 class UsageError(Exception):
@@ -34,6 +39,9 @@ def _verify_parser(sub) -> None:
     p.add_argument("--checkpoint", help="signed head checkpoint file written by the node")
     p.add_argument("--skip-models", action="store_true", help="skip the second pass that re-hashes stored weights")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--recompute", action="store_true",
+                   help="then re-run every block's aggregation rule over its recorded updates (--record-updates) "
+                        "and check the model comes out bit for bit")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -52,9 +60,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.db.startswith("sqlite:///") and not Path(args.db[len("sqlite:///"):]).exists():
         raise UsageError(f"no ledger database at {args.db[len('sqlite:///'):]}; check --db")
     store = LedgerStore(args.db)
+    recomputed: RecomputeReport | str | None = None
     try:
         report = verify_chain(store, check_models=not args.skip_models, checkpoint=checkpoint,
                               checkpoint_keys=own_keys)
+        if args.recompute:
+            recomputed = _recompute(store)
     except VerificationError as exc:
         if args.json:
             print(json.dumps({"ok": False, "height": exc.height, "check": exc.check, "detail": exc.detail}))
@@ -64,13 +75,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"ok": True, "head_height": report.head_height, "head_hash": report.head_hash,
-                          "blocks": report.blocks, "records": report.records,
-                          "models_checked": report.models_checked}))
+        result: dict[str, object] = {"ok": True, "head_height": report.head_height, "head_hash": report.head_hash,
+                                     "blocks": report.blocks, "records": report.records,
+                                     "models_checked": report.models_checked}
+        if isinstance(recomputed, str):
+            result.update(ok=False, check="recompute", detail=recomputed)
+        elif recomputed is not None:
+            result["recompute"] = {"blocks": recomputed.blocks, "skipped": recomputed.skipped,
+                                   "seconds": round(recomputed.seconds, 3)}
+        print(json.dumps(result))
     else:
         print(f"OK: {report.blocks} blocks, {report.records} update records, {report.models_checked} models "
               f"checked; head height {report.head_height} hash {report.head_hash}")
+        if recomputed is not None and not isinstance(recomputed, str):
+            print(f"recompute: {recomputed.blocks} blocks re-aggregated from their recorded updates bit for bit "
+                  f"({recomputed.skipped} without recorded updates) in {recomputed.seconds:.1f} s")
+    if isinstance(recomputed, str):
+        print(f"recompute FAILED: {recomputed}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _recompute(store: LedgerStore) -> RecomputeReport | str:
+    """Every block re-aggregated from its recorded updates: the report, or the error naming the first height whose
+    model does not reproduce."""
+    from node.engine.recompute import RecomputeError, recompute_chain
+    try:
+        return recompute_chain(store)
+    except RecomputeError as exc:
+        return str(exc)
 
 
 def _add_fl_flags(p: argparse.ArgumentParser) -> None:
@@ -100,12 +133,31 @@ def _add_fl_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--reproducible", action="store_true", default=None,
                    help="logical block timestamps, so the same seed gives the same block hashes")
+    p.add_argument("--aggregate", metavar="RULE",
+                   help="fedavg | median | trimmed-mean[:beta=B] | multi-krum[:f=F,m=M] | clip:norm=C, "
+                        "clip combines: clip:norm=5+median (default fedavg)")
+    p.add_argument("--max-update-norm", dest="max_update_norm", type=float, metavar="C",
+                   help="refuse an update farther than C (L2) from the round's base model")
+    p.add_argument("--record-updates", dest="record_updates", action="store_true", default=None,
+                   help="store every update with its block, for verify --recompute")
+
+
+def _add_attack_flag(p: argparse.ArgumentParser, who: str) -> None:
+    p.add_argument("--attack", metavar="NAME",
+                   help="NAME[:key=value,...], one of label-flip, sign-flip[:scale=S], scale[:factor=K], "
+                        f"noise[:sigma=S], nan, free-ride, stale, alie[:z=Z,n=N]; {who}")
+
+
+def _add_attackers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attackers", type=float, metavar="FRACTION",
+                   help="share of edge nodes that run --attack, drawn from --seed and printed (default 0)")
 
 
 FL_KEYS = ("data_root", "db", "dataset", "data_dir", "download", "model", "algo", "clients", "rounds", "fraction",
            "partition", "alpha", "shards_per_client", "local_test_fraction", "local_epochs", "batch_size", "lr",
            "momentum", "seed",
-           "threads", "device", "reproducible")
+           "threads", "device", "reproducible", "aggregate", "max_update_norm", "record_updates")
+RUN_KEYS = FL_KEYS + ("attack", "attackers")   # simulate and cluster: also an attack and the share running it
 
 
 def config_from(args: argparse.Namespace, keys: Sequence[str] = FL_KEYS):
@@ -125,6 +177,8 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--sn", type=int, default=1,
                    help="super nodes simulated in this process (default 1); edge node i belongs to super node i mod K")
+    _add_attack_flag(p, "run by the --attackers share of the edge nodes")
+    _add_attackers_flag(p)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -132,7 +186,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from node.engine.errors import NoMajorityError
     from node.sim.simulator import simulate
     from storage.writer import WriterFailed
-    cfg = config_from(args)
+    cfg = config_from(args, RUN_KEYS)
     if args.sn < 1:
         raise UsageError(f"--sn must be at least 1, got {args.sn}")
     if args.sn > cfg.clients:
@@ -158,7 +212,7 @@ def _pct(value) -> str:
 NODE_KEYS = FL_KEYS + ("ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
                        "partition_count", "hosted_edges", "heartbeat_s", "dead_after_s", "max_edges_per_sn",
                        "round_timeout_s", "retry_for_s",
-                       "secure", "insecure", "join", "join_port", "join_address")
+                       "secure", "insecure", "join", "join_port", "join_address", "attack")
 
 
 def _node_parser(sub) -> None:
@@ -197,11 +251,15 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join-port", dest="join_port", type=int, help="entry: port serving joins (default: port + 1)")
     p.add_argument("--join-address", dest="join_address",
                    help="HOST:PORT of the entry's join port (default: the --entry port + 1)")
+    _add_attack_flag(p, "an edge node given --attack runs it on every edge node it hosts")
 
 
 def cmd_node(args: argparse.Namespace) -> int:
     from node.process.launch import run_node
-    return run_node(config_from(args, NODE_KEYS))
+    cfg = config_from(args, NODE_KEYS)
+    if args.attack is not None and cfg.node_type != "EN":
+        raise UsageError("--attack is for edge nodes: add --nt EN, or leave --attack out on a super node")
+    return run_node(cfg)
 
 
 def _cluster_parser(sub) -> None:
@@ -214,6 +272,9 @@ def _cluster_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
     p.add_argument("--insecure", action="store_true",
                    help="run the cluster in open mode (no TLS, no join tokens) instead of secure mode")
+    _add_attack_flag(p, "run by the edge nodes of the --attackers share (attacking shares get processes of "
+                        "their own)")
+    _add_attackers_flag(p)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -221,7 +282,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.sn < 1 or args.en < 1 or args.en_per_process < 1:
         raise UsageError("a cluster needs at least one super node (--sn) and one edge node (--en), "
                          "and --en-per-process of at least 1")
-    cfg = config_from(args)
+    cfg = config_from(args, RUN_KEYS)
     try:
         result = run_cluster(cfg, args.sn, args.en, args.rounds or cfg.rounds,
                              edges_per_process=args.en_per_process, secure=not args.insecure)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from chain.block import SignedBlock, SignedRecord
+from chain.updates import AGGREGATE, EXCLUDED, UPDATES_ROOT, excluded_of
 from node.console.parse import ConsoleError
 from node.engine.errors import BadRequestError, NetError
 from node.engine.receipts import ACC_SCALE, LOSS_SCALE
@@ -21,6 +22,7 @@ from node.engine.views import MemberView
 from node.rpc.clients import AdminClient, RoundLine
 
 CHAIN_DEFAULT = 10          # blocks chain() shows by default
+EXCLUDED_SHOWN = 8          # excluded edge nodes train() lists under a round, one line each
 
 
 class Quit(Exception):
@@ -160,6 +162,10 @@ def cmd_train(con: Session, rounds: int = 0) -> bool:
             con.say(f"round {line.round:>4}  accuracy {acc}  loss {loss}  {seconds}"
                     f"block {line.height} {line.block_hash[:12]}  participants {line.participants}"
                     f"  failures {line.failures}{extra}{note}")
+            for edge, why in line.excluded[:EXCLUDED_SHOWN]:
+                con.say(f"           excluded: {edge[:12]} ({why})")
+            if len(line.excluded) > EXCLUDED_SHOWN:
+                con.say(f"           excluded: and {len(line.excluded) - EXCLUDED_SHOWN} more")
     except KeyboardInterrupt:
         lines.close()
         con.say("stopped waiting; training continues on the node (pause() stops it)")
@@ -273,17 +279,24 @@ def cmd_get_block(con: Session, height: int) -> bool:
     block, records = _block(con, height)
     h = block.header
     when = datetime.fromtimestamp(h.timestamp_ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+    # the aggregation rule, the exclusions and the updates root get lines of their own below
+    algo_params = {k: v for k, v in h.params.items() if k not in (AGGREGATE, EXCLUDED, UPDATES_ROOT)}
     for label, value in [("height", h.height), ("hash", block.hash), ("prev hash", h.prev_hash),
-                         ("round", h.round), ("time", when), ("algorithm", f"{h.algorithm} {h.params}"),
+                         ("round", h.round), ("time", when), ("algorithm", f"{h.algorithm} {algo_params}"),
+                         ("aggregation", h.params.get(AGGREGATE, "fedavg")),
                          ("base model", h.base_model_hash), ("model hash", h.model_hash),
                          ("records root", h.records_root), ("participants", h.participants),
                          ("samples", h.total_samples), ("metrics", _metrics_text(h.metrics)),
                          ("proposer", h.proposer_id)]:
         con.say(f"{label:<13}{value}")
+    if UPDATES_ROOT in h.params:
+        con.say(f"recorded updates: yes (root {str(h.params[UPDATES_ROOT])[:16]})")
     for signed in records:
         r = signed.record
         con.say(f"  record: trainer {r.trainer_id}  samples {r.samples}  update {r.update_hash[:16]}  "
                 f"{_metrics_text(r.metrics)}")
+    for trainer, why in excluded_of(h.params):
+        con.say(f"  excluded: trainer {trainer}  {why}")
     return True
 
 

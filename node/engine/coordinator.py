@@ -12,9 +12,11 @@ from typing import Any
 
 from chain.block import SignedBlock
 from chain.keys import node_id_for
+from chain.updates import EXCLUDED, RecordedUpdate
 from chain.validators import VALIDATORS, MembershipChange, MembershipError, apply_change
 from chain.verify import VerifiedBlock
-from fl.server import RoundFailed, evaluate_personalised
+from fl.robust import parse_rule
+from fl.server import REJECTED, RoundFailed, evaluate_personalised
 from node.engine.consensus import ask_all, finalize, take_lead
 from node.engine.election import proposer_of
 from node.engine.errors import BadRequestError, NetError, PreconditionError
@@ -29,14 +31,16 @@ from node.engine.types import (
     MembershipResult,
     Partial,
     Peer,
-    Plan,
     RoundReport,
     share_order,
 )
+from node.engine.updates import NothingUsable, aggregate_updates, clip_reason
 from node.ledger import Ledger
 from node.run import RunContext
 
 log = logging.getLogger(__name__)
+
+MAX_EXCLUDED = 1000   # the most excluded updates a block lists (a round has at most MAX_PARTICIPANTS on the wire)
 
 
 class Coordinator:
@@ -205,7 +209,7 @@ class Coordinator:
         roster: Roster = self._listing.roster   # who listed each edge above (all_edges, on this thread)
         selected = self.select(round, edges)
         announcement = Announcement(round, base.height, base.model_hash, self.local.node_id,
-                                    tuple(e.node_id for e in selected), Plan.of(self.ctx.strategy),
+                                    tuple(e.node_id for e in selected), self.ctx.plan(),
                                     self.state.view, self.target_round)
         timings = {"select_s": time.perf_counter() - started}
         mark = time.perf_counter()
@@ -220,9 +224,29 @@ class Coordinator:
             raise RoundFailed(round, failures)
         timings.update(max(partials, key=lambda p: p.timings.get("sn_round_s", 0.0)).timings)
         mark = time.perf_counter()
-        new = {**base.weights, **combine(partials, announcement)}
-        position = {node_id: i for i, node_id in enumerate(announcement.participants)}
-        records = sorted((r for p in partials for r in p.records), key=lambda r: position[r.record.trainer_id])
+        params: dict[str, Any] = dict(self.ctx.params())
+        # Updates that arrived and were refused (by their super node, or below by this one) or left out by the
+        # rule: the block lists them, so `getBlock` shows who was excluded and why.
+        excluded = [(node_id, why) for node_id, why in failures if why.startswith(REJECTED)]
+        recorded: list[RecordedUpdate] = []
+        if announcement.plan.forwards:
+            try:
+                outcome = aggregate_updates(partials, announcement, base, parse_rule(announcement.plan.aggregate),
+                                            self.ctx.cfg.max_update_norm, announcement.plan.record_updates)
+            except NothingUsable as exc:
+                raise RoundFailed(round, failures + exc.excluded + [("proposer", str(exc))]) from None
+            new, records = {**base.weights, **outcome.weights}, outcome.records
+            excluded += outcome.excluded
+            recorded = outcome.recorded
+            failures += outcome.excluded
+        else:
+            new = {**base.weights, **combine(partials, announcement)}
+            position = {node_id: i for i, node_id in enumerate(announcement.participants)}
+            records = sorted((r for p in partials for r in p.records), key=lambda r: position[r.record.trainer_id])
+        if excluded:
+            position = {node_id: i for i, node_id in enumerate(announcement.participants)}
+            excluded.sort(key=lambda item: position.get(item[0], len(position)))
+            params[EXCLUDED] = [[node_id, clip_reason(why)] for node_id, why in excluded[:MAX_EXCLUDED]]
         timings["combine_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         model = Base(head.height + 1, None, new)
@@ -230,9 +254,10 @@ class Coordinator:
         metrics.update(self.evaluate(model, edges))
         timings["evaluate_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        proposal = self.ledger.build(round=round, algorithm=self.ctx.strategy.name, params=self.ctx.params(),
+        proposal = self.ledger.build(round=round, algorithm=self.ctx.strategy.name, params=params,
                                      weights=new, records=records, metrics=integer_metrics(metrics),
-                                     timestamp_ms=self.ctx.timestamp(round), weights_blob=model.blob)
+                                     timestamp_ms=self.ctx.timestamp(round), weights_blob=model.blob,
+                                     updates=recorded)
         timings["block_s"] = time.perf_counter() - mark
         final, refused = self._finalize(peers, proposal, timings)
         failures += refused
@@ -241,7 +266,7 @@ class Coordinator:
         timings["round_s"] = time.perf_counter() - started
         log.info("round %d: block %d %s, %d updates, %d failures, %.2f s", round, block.header.height,
                  block.hash[:12], len(records), len(failures), timings["round_s"])
-        return RoundReport(round, block, metrics, len(records), failures, timings)
+        return RoundReport(round, block, metrics, len(records), failures, timings, excluded)
 
     def change_validators(self, op: str, key: str, node_id: str) -> MembershipResult:
         """Propose, have co-signed and store a membership block on the head that adds (``op`` "add") or removes

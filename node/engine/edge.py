@@ -15,6 +15,7 @@ from chain.keys import NodeKey
 from chain.private import write_private
 from chain.tensors import decode_weights, encode_weights, encoded_size, model_hash
 from config import ConfigError
+from fl.attacks import Attack
 from fl.local import InProcessParticipant
 from fl.participant import EvalRes, FitIns, FitRes, Participant
 from fl.train import TrainingCancelled
@@ -33,11 +34,12 @@ class EdgeCore:
     personal layers (FedPer) across restarts."""
 
     def __init__(self, participant: InProcessParticipant, key: NodeKey, personal_file: Path | None = None,
-                 share: int | None = None):
+                 share: int | None = None, attack: Attack | None = None):
         self.participant = participant
         self.key = key
         self.personal_file = personal_file
         self.share = share
+        self.attack = attack   # a malicious edge node: it signs what the attack makes of its honest training
         self.node_id = key.node_id
         self._model_bytes: int | None = None
 
@@ -62,7 +64,14 @@ class EdgeCore:
         (the caller gave up: training stops between two batches)."""
         started = time.perf_counter()
         try:
-            if cancel is not None and isinstance(self.participant, InProcessParticipant):
+            if self.attack is not None:
+                participant = self.participant
+
+                def trainer(w: Weights, i: FitIns, label_map: np.ndarray | None) -> FitRes:
+                    return participant.fit(w, i, cancel=cancel, label_map=label_map)
+
+                res = self.attack.fit(trainer, weights, ins, participant.num_classes, self.samples)
+            elif cancel is not None and isinstance(self.participant, InProcessParticipant):
                 res = self.participant.fit(weights, ins, cancel=cancel)
             else:   # a stand-in participant (tests) trains to the end
                 res = self.participant.fit(weights, ins)

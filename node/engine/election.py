@@ -32,6 +32,7 @@ from pathlib import Path
 from chain.block import SignedBlock, SignedRecord
 from chain.keys import node_id_for
 from chain.private import write_private
+from chain.updates import RecordedUpdate
 from chain.verify import VerifiedBlock
 from node.engine.errors import PreconditionError
 from node.engine.types import BlockData, ChainHead, Promise
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "consensus.json"
 PREPARED_FILE = "prepared.blk"
-_MAGIC = b"fledger-prepared-1\n"
+_MAGIC = b"fledger-prepared-2\n"   # 2: with the record count and recorded updates
 _SUPERSEDED = re.compile(r"superseded: this node follows view (\d+)")
 
 
@@ -217,9 +218,15 @@ class ConsensusState:
 
 
 def _encode(data: BlockData, view: int) -> bytes:
-    fields = [data.block.header_bytes, data.block.signature, data.weights_blob]
+    """Fields: header, signature, model blob, then two per record, then four per recorded update (record,
+    signature, "status\nreason", blob) after a field holding the number of records."""
+    fields = [data.block.header_bytes, data.block.signature, data.weights_blob,
+              struct.pack(">Q", len(data.records))]
     for record in data.records:
         fields += [record.record_bytes, record.signature]
+    for update in data.updates:
+        fields += [update.record.record_bytes, update.record.signature,
+                   f"{update.status}\n{update.reason}".encode(), update.blob]
     out = [_MAGIC, struct.pack(">QI", view, len(fields))]
     for value in fields:
         out += [struct.pack(">Q", len(value)), value]
@@ -241,10 +248,18 @@ def _decode(raw: bytes) -> tuple[BlockData, int]:
             raise ValueError("truncated")
         fields.append(raw[at:at + size])
         at += size
-    if at != len(raw) or count < 3 or (count - 3) % 2:
+    if at != len(raw) or count < 4 or len(fields[3]) != 8:
         raise ValueError("malformed")
-    records = tuple(SignedRecord(fields[i], fields[i + 1]) for i in range(3, count, 2))
-    return BlockData(SignedBlock(fields[0], fields[1]), records, fields[2], ()), view
+    (n_records,) = struct.unpack(">Q", fields[3])
+    first_update = 4 + 2 * n_records
+    if first_update > count or (count - first_update) % 4:
+        raise ValueError("malformed")
+    records = tuple(SignedRecord(fields[i], fields[i + 1]) for i in range(4, first_update, 2))
+    updates = []
+    for i in range(first_update, count, 4):
+        status, _, reason = fields[i + 2].decode("utf-8", "replace").partition("\n")
+        updates.append(RecordedUpdate(SignedRecord(fields[i], fields[i + 1]), status, reason, fields[i + 3]))
+    return BlockData(SignedBlock(fields[0], fields[1]), records, fields[2], (), tuple(updates)), view
 
 
 def highest_prepared(promises: Sequence[tuple[str, Promise]], height: int) -> tuple[str, int, str] | None:

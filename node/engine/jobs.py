@@ -12,7 +12,7 @@ from fl.server import RoundFailed
 from node.engine.coordinator import Coordinator
 from node.engine.election import SupersededError
 from node.engine.errors import NetError, UnavailableError
-from node.engine.types import Note, Plan, Progress
+from node.engine.types import Note, Progress
 from node.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class TrainingJobs:
         failing_since: float | None = None
         delay = 1.0
         self.coordinator.target_round = job.last_round
-        self.coordinator.state.set_target(job.last_round, dataclasses.asdict(Plan.of(self.coordinator.ctx.strategy)))
+        self.coordinator.state.set_target(job.last_round, dataclasses.asdict(self.coordinator.ctx.plan()))
         try:
             while True:
                 head = self.ledger.head

@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from chain.block import SignedRecord
 from fl.participant import FitRes, Participant
 from fl.server import RoundFailed, run_round
 from node.engine.errors import BadRequestError
 from node.engine.receipts import check_receipt
-from node.engine.types import Announcement, Base, EdgeDirectory, Partial, Weights
+from node.engine.types import Announcement, Base, EdgeDirectory, Partial, Update, Weights
 
 Roster = Mapping[str, tuple[str, int | None]]   # edge id -> (the super node that listed it, its declared samples)
 MAX_SAMPLES = 2**63 - 1   # a record's sample count is a signed 64-bit integer in the ledger's database
@@ -30,6 +32,8 @@ def train_partial(sn_id: str, announcement: Announcement, base: Base, directory:
     if not edges:
         return Partial(sn_id, round, 0, None)
     strategy = announcement.plan.strategy()
+    forwards = announcement.plan.forwards
+    aggregator = Collector() if forwards else strategy.aggregator()
     participants = [directory.connect(e, base) for e in edges]
     declared = {e.node_id: e.samples for e in edges}
     checked: dict[str, SignedRecord] = {}
@@ -49,16 +53,37 @@ def train_partial(sn_id: str, announcement: Announcement, base: Base, directory:
     try:
         outcome = run_round(round, participants, base.weights,
                             lambda _i, p: strategy.fit_ins(round, position[p.participant_id]),
-                            strategy.aggregator(), check=check, on_result=keep,
-                            max_workers=directory.concurrency or len(participants))
+                            aggregator, check=check, on_result=keep,
+                            max_workers=directory.concurrency or len(participants), validate=not forwards)
     except RoundFailed as exc:
         return Partial(sn_id, round, 0, None, failures=exc.failures)
     finally:
         for p in participants:
             directory.release(p)
-    return Partial(sn_id, round, outcome.total_samples, outcome.weights, [checked[e] for e, _ in results],
+    records = [checked[e] for e, _ in results]
+    updates = [Update(record, weights) for record, weights in zip(records, aggregator.items, strict=True)] \
+        if isinstance(aggregator, Collector) else []
+    return Partial(sn_id, round, outcome.total_samples, None if forwards else outcome.weights, records,
                    outcome.failures, weighted_metrics([(r.metrics, r.samples) for _, r in results], prefix="train_"),
-                   edge_timings(participants, time.perf_counter() - started))
+                   edge_timings(participants, time.perf_counter() - started), updates)
+
+
+class Collector:
+    """The aggregator of a super node that forwards its edges' updates (``Plan.forwards``): it keeps each update
+    whole, in fold order, and aggregates nothing; the proposer validates and aggregates them all."""
+
+    def __init__(self) -> None:
+        self.items: list[Weights] = []
+        self.count = 0
+        self.total_samples = 0
+
+    def add(self, weights: Mapping[str, np.ndarray], samples: int) -> None:
+        self.items.append(dict(weights))
+        self.count += 1
+        self.total_samples += int(samples)
+
+    def result(self) -> Weights:
+        return {}
 
 
 def edge_timings(participants: Sequence[Participant], sn_round_s: float) -> dict[str, float]:
@@ -117,8 +142,15 @@ def check_partial(partial: Partial, announcement: Announcement, base: Base, rost
         problems.append("an edge node appears twice")
     if sum(r.samples for r in records) != partial.samples:
         problems.append(f"records sum to {sum(r.samples for r in records)} samples, the partial says {partial.samples}")
-    if (partial.weights is None) != (partial.samples == 0):
+    if announcement.plan.forwards:
+        if partial.weights is not None:
+            problems.append("it sent an average, but this round forwards each update")
+        if [u.record.record_bytes for u in partial.updates] != [r.record_bytes for r in partial.records]:
+            problems.append("its forwarded updates are not one per record, in the records' order")
+    elif (partial.weights is None) != (partial.samples == 0):
         problems.append("weights must come exactly when samples > 0")
+    elif partial.updates:
+        problems.append("it forwarded updates, but this round takes one average per super node")
     for name, array in (partial.weights or {}).items():
         ref = base.weights.get(name)
         if ref is None or array.shape != ref.shape or array.dtype != ref.dtype:
@@ -147,7 +179,7 @@ def shared_trainers(partials: Sequence[Partial]) -> list[tuple[str, str]]:
 def combine_order(partials: Sequence[Partial], announcement: Announcement) -> list[Partial]:
     """The partials that carry weights, by the selection position of their first edge node."""
     position = {node_id: i for i, node_id in enumerate(announcement.participants)}
-    usable = [p for p in partials if p.samples > 0 and p.weights]
+    usable = [p for p in partials if p.samples > 0 and (p.weights or p.updates)]
     return sorted(usable, key=lambda p: min(position[r.record.trainer_id] for r in p.records))
 
 

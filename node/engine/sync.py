@@ -20,7 +20,7 @@ def verify(ledger: Ledger, data: BlockData, final: bool = False) -> VerifiedBloc
     (PreconditionError when it does not extend the head, BadRequestError when anything in it is wrong)."""
     try:
         return ledger.verify(data.block, list(data.records), data.weights_blob, list(data.cosignatures),
-                             final=final)
+                             final=final, updates=list(data.updates))
     except NotExtendingHead as exc:
         raise PreconditionError(str(exc)) from exc
     except VerificationError as exc:

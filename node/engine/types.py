@@ -9,6 +9,7 @@ from typing import Protocol
 
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.tensors import encode_weights, model_hash
+from chain.updates import RecordedUpdate
 from chain.verify import VerifiedBlock
 from fl.aggregate import Weights
 from fl.participant import Participant
@@ -68,11 +69,20 @@ class Plan:
     batch_size: int
     momentum: float
     seed: int
+    aggregate: str = "fedavg"     # the aggregation rule (fl.robust spec)
+    record_updates: bool = False  # every update is stored with its block
 
     @classmethod
-    def of(cls, strategy: FedAvg) -> Plan:
+    def of(cls, strategy: FedAvg, aggregate: str = "fedavg", record_updates: bool = False) -> Plan:
         return cls(strategy.name, strategy.lr, strategy.local_epochs, strategy.batch_size, strategy.momentum,
-                   strategy.seed)
+                   strategy.seed, aggregate, record_updates)
+
+    @property
+    def forwards(self) -> bool:
+        """Whether super nodes forward each edge node's update to the proposer instead of their partial average:
+        a robust rule must see every update (a median of medians is not a median), and recorded updates are
+        stored whole. Plain FedAvg without recording sends one average per super node, which is exact."""
+        return self.aggregate != "fedavg" or self.record_updates
 
     def strategy(self) -> FedAvg:
         """The strategy that gives each selected edge its FitIns and aggregates the results."""
@@ -94,9 +104,19 @@ class Announcement:
     target_round: int = 0           # the training job's last round, so any validator can continue it
 
 
+@dataclass(frozen=True)
+class Update:
+    """One edge node's update as its super node forwards it (``Plan.forwards``): the signed record and the weights,
+    which the proposer checks against the record's update hash before anything else."""
+
+    record: SignedRecord
+    weights: Weights
+
+
 @dataclass
 class Partial:
-    """One super node's share of a round: its strategy's aggregate of its edges' models and their signed records."""
+    """One super node's share of a round: its strategy's aggregate of its edges' models and their signed records;
+    when the plan forwards, ``weights`` is None and ``updates`` holds every edge's update (one per record)."""
 
     sn_id: str
     round: int
@@ -106,6 +126,7 @@ class Partial:
     failures: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)   # sample-weighted train_loss / train_accuracy
     timings: dict[str, float] = field(default_factory=dict)   # seconds, see partial.edge_timings
+    updates: list[Update] = field(default_factory=list)       # forwarded updates, in selection order
 
 
 @dataclass(frozen=True)
@@ -127,6 +148,8 @@ class RoundReport:
     participants: int
     failures: list[tuple[str, str]]
     timings: dict[str, float] = field(default_factory=dict)   # seconds; see Coordinator.run_round
+    excluded: list[tuple[str, str]] = field(default_factory=list)   # (edge id, why): updates that arrived but
+                                                                    # were refused or left out by the rule
 
 
 @dataclass(frozen=True)
@@ -149,10 +172,12 @@ class BlockData:
     records: tuple[SignedRecord, ...]
     weights_blob: bytes
     cosignatures: tuple[Cosignature, ...] = ()
+    updates: tuple[RecordedUpdate, ...] = ()   # the round's recorded updates (--record-updates), in order
 
     @classmethod
     def of(cls, verified: VerifiedBlock) -> BlockData:
-        return cls(verified.block, tuple(verified.records), verified.weights_blob, tuple(verified.cosignatures))
+        return cls(verified.block, tuple(verified.records), verified.weights_blob, tuple(verified.cosignatures),
+                   tuple(verified.updates))
 
 
 @dataclass(frozen=True)

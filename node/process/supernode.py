@@ -24,7 +24,7 @@ from node.engine.errors import BadRequestError, NetError, NotFoundError, Precond
 from node.engine.jobs import Progress, TrainingJobs, TrainJob, healthy_ledger
 from node.engine.membership import Member, Membership, SuperNodeRegistry, check_node_id
 from node.engine.supernode import SuperNodeCore
-from node.engine.types import Base, MembershipResult, Peer, Plan
+from node.engine.types import Base, MembershipResult, Peer
 from node.engine.views import BlockView, EdgeEval, EvalReport, MemberView, NodeStatus
 from node.ledger import Ledger
 from node.process.admission import Admissions
@@ -429,7 +429,7 @@ class SuperNode:
         silent = time.monotonic() - self.core.last_activity
         if turn == 0 or silent < turn * self.round_s:
             return
-        own = dataclasses.asdict(Plan.of(self.ctx.strategy))
+        own = dataclasses.asdict(self.ctx.plan())
         if state.plan and state.plan != own:
             differ = ", ".join(f"{k} {state.plan.get(k)!r} here {v!r}" for k, v in own.items()
                                if state.plan.get(k) != v)

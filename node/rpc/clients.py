@@ -433,16 +433,18 @@ class RoundLine:
     """One Train progress message as the console and the cluster command print it."""
 
     def __init__(self, round: int, height: int, block_hash: str, participants: int, failures: int,
-                 metrics: dict[str, float], timings: dict[str, float], message: str, error: bool = False):
+                 metrics: dict[str, float], timings: dict[str, float], message: str, error: bool = False,
+                 excluded: Sequence[tuple[str, str]] = ()):
         self.round, self.height, self.block_hash = round, height, block_hash
         self.error = error   # a note saying training stopped on an error
         self.participants, self.failures = participants, failures
         self.metrics, self.timings, self.message = metrics, timings, message
+        self.excluded = list(excluded)   # (edge id, why): updates refused or left out by the aggregation rule
 
     @classmethod
     def from_msg(cls, msg: TrainProgressMsg) -> RoundLine:
         return cls(msg.round, msg.height, msg.block_hash, msg.participants, msg.failures, dict(msg.metrics),
-                   dict(msg.timings), msg.message, msg.error)
+                   dict(msg.timings), msg.message, msg.error, serde.excluded_from_msg(msg))
 
     @classmethod
     def of(cls, progress: Progress) -> RoundLine:
@@ -460,7 +462,15 @@ class RoundLine:
         return (f"round {self.round}  {acc}{self.participants} edge nodes  {self.failures} failed  "
                 f"block {self.height} {self.block_hash[:12]}" +
                 (f"  {self.timings['round_s']:.2f} s" if "round_s" in self.timings else "") +
-                (f"  ({self.message})" if self.message else ""))
+                (f"  ({self.message})" if self.message else "") +
+                (f"  {self.excluded_text()}" if self.excluded else ""))
+
+    def excluded_text(self, shown: int = 3) -> str:
+        """"excluded: 3fa2c81b09de, 77e0a1c2f5b4 and 2 more": the first ``shown`` excluded edges (their reasons are
+        among the failures the message lists)."""
+        more = len(self.excluded) - shown
+        return ("excluded: " + ", ".join(edge[:12] for edge, _ in self.excluded[:shown]) +
+                (f" and {more} more" if more > 0 else ""))
 
 
 def probe_health(address: str, timeout: float = 3.0, security: TlsCredentials | None = None) -> bool:

@@ -2,16 +2,31 @@
 (BadRequestError naming what is wrong)."""
 from __future__ import annotations
 
+import hmac
 import math
 from collections.abc import Iterable, Iterator, Mapping
 
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.encoding import is_hex_digest
 from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN
+from chain.updates import MAX_REASON_CHARS as MAX_UPDATE_REASON_CHARS
+from chain.updates import STATUSES, RecordedUpdate
 from fl.participant import EvalRes, FitIns
+from fl.robust import parse_rule
 from node.engine.errors import BadRequestError, clip
 from node.engine.membership import MAX_ADDRESS_CHARS, MAX_SAMPLES, Member, check_address, check_node_id
-from node.engine.types import Announcement, BlockData, ChainHead, EdgeRef, Partial, Plan, Progress, Promise, RoundReport
+from node.engine.types import (
+    Announcement,
+    BlockData,
+    ChainHead,
+    EdgeRef,
+    Partial,
+    Plan,
+    Progress,
+    Promise,
+    RoundReport,
+    Update,
+)
 from node.engine.views import EdgeEval, EvalReport, MemberView, NodeStatus
 from node.rpc.options import (
     MAX_BATCH_SIZE,
@@ -32,6 +47,7 @@ from proto.fledger_pb2 import EdgeEval as EdgeEvalMsg
 from proto.fledger_pb2 import EvalReply as EvalReplyMsg
 from proto.fledger_pb2 import Failure as FailureMsg
 from proto.fledger_pb2 import FitIns as FitInsMsg
+from proto.fledger_pb2 import ForwardedUpdate as ForwardedUpdateMsg
 from proto.fledger_pb2 import Head as HeadMsg
 from proto.fledger_pb2 import JoinRequest as JoinRequestMsg
 from proto.fledger_pb2 import MemberEntry as MemberEntryMsg
@@ -40,6 +56,7 @@ from proto.fledger_pb2 import PartialHeader as PartialHeaderMsg
 from proto.fledger_pb2 import PartialPart as PartialPartMsg
 from proto.fledger_pb2 import PromiseReply as PromiseReplyMsg
 from proto.fledger_pb2 import ProposalInfo as ProposalInfoMsg
+from proto.fledger_pb2 import RecordedUpdateHead as RecordedUpdateHeadMsg
 from proto.fledger_pb2 import RoundAnnouncement as RoundAnnouncementMsg
 from proto.fledger_pb2 import RoundPlan as RoundPlanMsg
 from proto.fledger_pb2 import SignedBlock as SignedBlockMsg
@@ -49,6 +66,8 @@ from proto.fledger_pb2 import TrainProgress as TrainProgressMsg
 
 # Every decoder below raises BadRequestError, with a short message, and nothing else on bad input: wire bytes that
 # do not parse (ValueError covers the chain's EncodingError and MalformedError) or values out of their bounds.
+
+MAX_RULE_CHARS = 200   # an aggregation rule's text in a round plan (fl.robust spec)
 
 
 def _check_samples(samples: int, what: str) -> int:
@@ -118,7 +137,8 @@ def cosig_from_msg(msg: CosignatureMsg) -> Cosignature:
 
 
 def block_parts(data: BlockData) -> Iterator[BlockPartMsg]:
-    """One block as stream messages: block, records, co-signatures, weight chunks."""
+    """One block as stream messages: block, records, co-signatures, weight chunks, then per recorded update its
+    head and its weight chunks."""
     yield BlockPartMsg(block=block_to_msg(data.block))
     for record in data.records:
         yield BlockPartMsg(record=record_to_msg(record))
@@ -126,21 +146,33 @@ def block_parts(data: BlockData) -> Iterator[BlockPartMsg]:
         yield BlockPartMsg(cosignature=cosig_to_msg(cosig))
     for chunk in blob_chunks(data.weights_blob, data.block.header.model_hash):
         yield BlockPartMsg(weights=chunk)
+    for update in data.updates:
+        yield BlockPartMsg(recorded=RecordedUpdateHeadMsg(record=record_to_msg(update.record), status=update.status,
+                                                          reason=update.reason))
+        for chunk in blob_chunks(update.blob, update.record.record.update_hash):
+            yield BlockPartMsg(weights=chunk)
+
+
+# A recorded update being received: its record, status and reason, and the assembler of its weight chunks.
+_Recorded = tuple[SignedRecord, str, str, WeightsAssembler]
+# A block being received: the block, its records, co-signatures, model chunks and recorded updates.
+_Incoming = tuple[SignedBlock, list[SignedRecord], list[Cosignature], WeightsAssembler, list[_Recorded]]
 
 
 def read_blocks(parts: Iterable[BlockPartMsg], max_bytes: int = MAX_MODEL_BYTES) -> Iterator[BlockData]:
     """Group a stream of parts into blocks, checking only their structure, their records' sample counts and the
     blob's size (at most ``max_bytes``: a receiver that knows the model passes its size plus TRANSFER_SLACK_BYTES):
     the receiving ledger verifies each block once, whole (``Ledger.verify``: signatures, link, records, Merkle
-    root, model)."""
-    current: tuple[SignedBlock, list[SignedRecord], list[Cosignature], WeightsAssembler] | None = None
+    root, model, recorded updates). Weight chunks after a recorded update's head are that update's (each at most
+    ``max_bytes``)."""
+    current: _Incoming | None = None
     for part in parts:
         kind = part.WhichOneof("part")
         if kind == "block":
             if current is not None:
                 yield _finish(*current)
             current = (SignedBlock(bytes(part.block.header_bytes), bytes(part.block.signature)), [], [],
-                       WeightsAssembler(max_bytes))
+                       WeightsAssembler(max_bytes), [])
         elif current is None:
             raise BadRequestError("a block stream must start with a block message")
         elif kind == "record":
@@ -152,7 +184,11 @@ def read_blocks(parts: Iterable[BlockPartMsg], max_bytes: int = MAX_MODEL_BYTES)
                 raise BadRequestError(f"a block carries at most {MAX_COSIGNATURES} co-signatures")
             current[2].append(cosig_from_msg(part.cosignature))
         elif kind == "weights":
-            current[3].add(part.weights)
+            (current[4][-1][3] if current[4] else current[3]).add(part.weights)
+        elif kind == "recorded":
+            if len(current[4]) >= MAX_PARTICIPANTS:
+                raise BadRequestError(f"a block carries at most {MAX_PARTICIPANTS} recorded updates")
+            current[4].append((*_recorded_head(part.recorded), WeightsAssembler(max_bytes)))
         elif kind == "info":
             raise BadRequestError("a proposal's info comes first, before its block")
         else:
@@ -161,15 +197,32 @@ def read_blocks(parts: Iterable[BlockPartMsg], max_bytes: int = MAX_MODEL_BYTES)
         yield _finish(*current)
 
 
+def _recorded_head(msg: RecordedUpdateHeadMsg) -> tuple[SignedRecord, str, str]:
+    """A recorded update's record (signature left to the ledger, as for the block's records), status and reason."""
+    record = _unchecked_record(msg.record)
+    if msg.status not in STATUSES:
+        raise BadRequestError(f"a recorded update's status must be one of {', '.join(STATUSES)}, got "
+                              f"{clip(msg.status, 20)!r}")
+    if len(msg.reason) > MAX_UPDATE_REASON_CHARS:
+        raise BadRequestError(f"a recorded update's reason is at most {MAX_UPDATE_REASON_CHARS} characters")
+    return record, msg.status, msg.reason
+
+
 def _finish(block: SignedBlock, records: list[SignedRecord], cosigs: list[Cosignature],
-            assembler: WeightsAssembler) -> BlockData:
+            assembler: WeightsAssembler, updates: list[_Recorded]) -> BlockData:
     try:
         header = block.header
     except ValueError as exc:
         raise BadRequestError(f"bad block: {clip(exc)}") from exc
     if assembler.expected_hash != header.model_hash:
         raise BadRequestError(f"block {header.height}: the weights sent are not the block's model")
-    return BlockData(block, tuple(records), assembler.finish_blob(), tuple(cosigs))
+    recorded = []
+    for record, status, reason, pieces in updates:
+        if pieces.expected_hash != record.record.update_hash:
+            raise BadRequestError(f"block {header.height}: the weights sent for the recorded update of "
+                                  f"{record.record.trainer_id} are not the update its record names")
+        recorded.append(RecordedUpdate(record, status, reason, pieces.finish_blob()))
+    return BlockData(block, tuple(records), assembler.finish_blob(), tuple(cosigs), tuple(recorded))
 
 
 def proposal_parts(data: BlockData, view: int, sender: str) -> Iterator[BlockPartMsg]:
@@ -247,15 +300,30 @@ def announcement_to_msg(ann: Announcement) -> RoundAnnouncementMsg:
                                 proposer_id=ann.proposer_id, participants=list(ann.participants),
                                 plan=RoundPlanMsg(algorithm=plan.algorithm, lr=plan.lr,
                                                   local_epochs=plan.local_epochs, batch_size=plan.batch_size,
-                                                  momentum=plan.momentum, seed=plan.seed),
+                                                  momentum=plan.momentum, seed=plan.seed,
+                                                  aggregate=plan.aggregate, record_updates=plan.record_updates),
                                 view=ann.view, target_round=ann.target_round)
 
 
+def _aggregate_rule(text: str) -> str:
+    """A round plan's aggregation rule in its normal form (fl.robust); "" is "fedavg"."""
+    if not text:
+        return "fedavg"
+    if len(text) > MAX_RULE_CHARS:
+        raise BadRequestError(f"the round plan's aggregation rule is over {MAX_RULE_CHARS} characters")
+    try:
+        return parse_rule(text).spec()
+    except ValueError as exc:
+        raise BadRequestError(f"bad aggregation rule in the round plan: {clip(exc)}") from exc
+
+
 def announcement_from_msg(msg: RoundAnnouncementMsg) -> Announcement:
-    """An announcement with a known algorithm, sane training values and each participant once."""
+    """An announcement with a known algorithm and aggregation rule, sane training values and each participant
+    once."""
     plan = msg.plan
     if plan.algorithm not in ("fedavg", "fedper"):
         raise BadRequestError(f"unknown algorithm {clip(plan.algorithm, 40)!r} in the round plan")
+    aggregate = _aggregate_rule(plan.aggregate)
     _check_training(plan.local_epochs, plan.batch_size, plan.lr, plan.momentum)
     check_node_id(msg.proposer_id, "the proposer's id")
     _check_hash(msg.base_model_hash, "the base model hash")
@@ -266,7 +334,8 @@ def announcement_from_msg(msg: RoundAnnouncementMsg) -> Announcement:
     if len(set(msg.participants)) != len(msg.participants):
         raise BadRequestError("the announcement lists an edge node twice")
     return Announcement(msg.round, msg.base_height, msg.base_model_hash, msg.proposer_id, tuple(msg.participants),
-                        Plan(plan.algorithm, plan.lr, plan.local_epochs, plan.batch_size, plan.momentum, plan.seed),
+                        Plan(plan.algorithm, plan.lr, plan.local_epochs, plan.batch_size, plan.momentum, plan.seed,
+                             aggregate, plan.record_updates),
                         msg.view, msg.target_round)
 
 
@@ -297,7 +366,8 @@ def eval_from_msg(msg: EvalReplyMsg) -> EvalRes:
 
 
 def partial_parts(partial: Partial) -> Iterator[PartialPartMsg]:
-    """A partial as stream messages: header, records, weight chunks."""
+    """A partial as stream messages: header, records, weight chunks, then per forwarded update (``Plan.forwards``)
+    its record and its weight chunks."""
     yield PartialPartMsg(header=PartialHeaderMsg(
         round=partial.round, sn_id=partial.sn_id, samples=partial.samples,
         failures=[FailureMsg(node_id=n, reason=clip(r, MAX_REASON_CHARS)) for n, r in partial.failures],
@@ -307,11 +377,16 @@ def partial_parts(partial: Partial) -> Iterator[PartialPartMsg]:
     if partial.weights is not None:
         for chunk in send_weights(partial.weights):
             yield PartialPartMsg(weights=chunk)
+    for update in partial.updates:
+        yield PartialPartMsg(update=ForwardedUpdateMsg(record=record_to_msg(update.record)))
+        for chunk in send_weights(update.weights):
+            yield PartialPartMsg(weights=chunk)
 
 
 def read_partial(parts: Iterable[PartialPartMsg], max_bytes: int = MAX_MODEL_BYTES) -> Partial:
-    """Reassemble a partial (records signed, weights whole, at most ``max_bytes``, and hashing as announced); the
-    proposer then checks it against its round with ``partial.check_partial``."""
+    """Reassemble a partial (records signed, weights whole, at most ``max_bytes``, and hashing as announced;
+    each forwarded update's weights hashing to its record's update_hash); the proposer then checks it against its
+    round with ``partial.check_partial``."""
     stream = iter(parts)
     first = next(stream, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -325,6 +400,8 @@ def read_partial(parts: Iterable[PartialPartMsg], max_bytes: int = MAX_MODEL_BYT
         check_node_id(failure.node_id, "a failed node's id")
     records: list[SignedRecord] = []
     assembler = WeightsAssembler(max_bytes)
+    updates: list[Update] = []
+    forwarded: tuple[SignedRecord, WeightsAssembler] | None = None   # the update whose chunks are arriving
     for part in stream:
         kind = part.WhichOneof("part")
         if kind == "record":
@@ -332,14 +409,33 @@ def read_partial(parts: Iterable[PartialPartMsg], max_bytes: int = MAX_MODEL_BYT
                 raise BadRequestError(f"a partial carries at most {MAX_PARTICIPANTS} update records")
             records.append(record_from_msg(part.record))
         elif kind == "weights":
-            assembler.add(part.weights)
+            (forwarded[1] if forwarded is not None else assembler).add(part.weights)
+        elif kind == "update":
+            if forwarded is not None:
+                updates.append(_forwarded_update(*forwarded))   # decoded now: its buffer is freed
+            if len(updates) >= MAX_PARTICIPANTS:
+                raise BadRequestError(f"a partial carries at most {MAX_PARTICIPANTS} forwarded updates")
+            forwarded = (record_from_msg(part.update.record), WeightsAssembler(max_bytes))
         else:
             raise BadRequestError(f"unexpected {kind!r} message inside a partial")
+    if forwarded is not None:
+        updates.append(_forwarded_update(*forwarded))
     weights = assembler.finish()[0] if assembler.started else None
     return Partial(head.sn_id, head.round, int(head.samples), weights, records,
                    [(f.node_id, clip(f.reason, MAX_REASON_CHARS)) for f in head.failures],
                    metrics_from_msg(head.metrics),
-                   metrics_from_msg(head.timings))
+                   metrics_from_msg(head.timings), updates=updates)
+
+
+def _forwarded_update(record: SignedRecord, assembler: WeightsAssembler) -> Update:
+    """A forwarded update whose weights (whole, decoded, hashing as announced) are the ones its record names."""
+    trainer = record.record.trainer_id
+    if not assembler.started:
+        raise BadRequestError(f"update of edge {trainer} came without its weights")
+    weights, digest = assembler.finish()
+    if not hmac.compare_digest(digest.encode(), record.record.update_hash.encode()):
+        raise BadRequestError(f"update of edge {trainer} does not match its signed record")
+    return Update(record, weights)
 
 
 # ---------------------------------------------------------------- membership and the operator's views
@@ -399,6 +495,9 @@ def status_from_msg(msg: StatusReplyMsg) -> NodeStatus:
                       proposer=clip(msg.proposer, 40), ledger_error=clip(msg.ledger_error, 300))
 
 
+MAX_EXCLUDED = 64   # excluded updates a TrainProgress lists at most (the round line needs only the first few)
+
+
 def progress_to_msg(progress: Progress) -> TrainProgressMsg:
     """A finished round, or a note about one."""
     if not isinstance(progress, RoundReport):
@@ -407,7 +506,14 @@ def progress_to_msg(progress: Progress) -> TrainProgressMsg:
     return TrainProgressMsg(round=progress.round, height=block.header.height, block_hash=block.hash,
                             participants=progress.participants, failures=len(progress.failures),
                             metrics=metrics_to_msg(progress.metrics), timings=metrics_to_msg(progress.timings),
-                            message="; ".join(f"{n[:12]}: {why}" for n, why in progress.failures[:3]))
+                            message="; ".join(f"{n[:12]}: {why}" for n, why in progress.failures[:3]),
+                            excluded=[FailureMsg(node_id=n, reason=clip(why, MAX_REASON_CHARS))
+                                      for n, why in progress.excluded[:MAX_EXCLUDED]])
+
+
+def excluded_from_msg(msg: TrainProgressMsg) -> list[tuple[str, str]]:
+    """(edge id, why) of the updates a round refused or left out, bounded like progress_to_msg writes them."""
+    return [(clip(f.node_id, NODE_ID_HEX_LEN), clip(f.reason, MAX_REASON_CHARS)) for f in msg.excluded[:MAX_EXCLUDED]]
 
 
 def eval_report_to_msg(report: EvalReport) -> EvalReplyMsg:

@@ -71,6 +71,9 @@ def _ledger_location(cfg: Config, index: int) -> tuple[Path, str]:
 def prepare(cfg: Config, fresh: bool = False, super_nodes: int = 1,
             on_fit: Callable[[], None] | None = None) -> Simulation:
     """Load data and model, open every super node's ledger, and start a chain or check that it can be resumed."""
+    if cfg.attack is not None and cfg.attackers == 0:
+        raise ConfigError(f"--attack {cfg.attack} needs --attackers FRACTION: the share of the simulated edge nodes "
+                          "that run it (drawn from --seed)")
     if not 1 <= super_nodes <= cfg.clients:
         raise ConfigError(f"--sn {super_nodes}: need between 1 and --clients ({cfg.clients}) super nodes")
     device = configure_torch(cfg)
@@ -152,6 +155,11 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
     try:
         emit(f"data: {ctx.dataset.source}; {cfg.clients} clients ({cfg.partition}) on {super_nodes} super "
              f"node{'s' if super_nodes > 1 else ''}, {cfg.algo}, model {model_name(cfg)}; ledger {ledger.store.url}")
+        if cfg.attack is not None:   # the malicious edge nodes edge_cores drew from the run's seed
+            attackers = [(t.participant.participant_id, t.attack.spec.text()) for t in sim.edges if t.attack]
+            emit(f"attackers: {len(attackers)} of {len(sim.edges)} edge nodes run "
+                 f"{attackers[0][1] if attackers else cfg.attack} (drawn from seed {cfg.seed}): "
+                 f"{', '.join(pid for pid, _ in attackers)}")
         if ledger.head is None:
             _, metrics = sim.coordinator.genesis(edges=LocalEdges(sim.edges).edges(), validators=sim.validators)
             first = 1
@@ -171,7 +179,7 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
                 bar = None
             seconds = report.timings["round_s"]
             rows.append({"round": rnd, "seconds": round(seconds, 3), "clients": report.participants,
-                         "failures": len(report.failures), **report.metrics})
+                         "failures": len(report.failures), "excluded": len(report.excluded), **report.metrics})
             emit(_round_line(report, cfg.rounds))
         for sn in sim.supernodes:
             sn.ledger.flush()
@@ -207,6 +215,10 @@ def _round_line(report: RoundReport, total: int) -> str:
                      f"(min {m['personal_accuracy_min']:.2%}, max {m['personal_accuracy_max']:.2%})")
     if report.failures:
         parts.append(f"{len(report.failures)} failed")
+    if report.excluded:
+        names = ("  " + "; ".join(f"{edge[:12]} ({why[:60]})" for edge, why in report.excluded)
+                 if len(report.excluded) <= 3 else "")
+        parts.append(f"{len(report.excluded)} excluded{names}")
     block = report.block
     parts.append(f"{report.timings['round_s']:.2f} s  block {block.header.height} {block.hash[:12]}")
     return "  ".join(parts)
