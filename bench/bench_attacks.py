@@ -40,8 +40,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ATTACKS = ("label-flip", "sign-flip", "scale", "noise", "nan", "free-ride", "stale", "alie")
-RULES = ("fedavg", "median", "trimmed-mean:beta=0.3", "multi-krum", "clip:norm=2+fedavg")
+ATTACKS = ("label-flip", "sign-flip:scale=10", "scale:factor=10", "noise:sigma=0.1", "nan", "free-ride", "stale",
+           "alie")
+# clip: about 1.5x the median honest update norm of the 2NN here (0.25-0.36 in rounds 1-3)
+RULES = ("fedavg", "median", "trimmed-mean:beta=0.3", "multi-krum", "clip:norm=0.5")
 FRACTIONS = (0.0, 0.1, 0.2, 0.3)
 PARTITIONS = ("iid", "dirichlet")
 
@@ -66,7 +68,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:   # a rule that cannot run (too few updates) is a result too
             return {**cell, "error": f"{type(exc).__name__}: {exc}"[:300]}
         return {**cell, "accuracy": result["final_accuracy"], "wall_s": time.perf_counter() - started,
-                "round_s": statistics.median(result["round_seconds"][1:] or result["round_seconds"])}
+                "round_s": statistics.median(result["round_seconds"][1:] or result["round_seconds"]),
+                "combine_s": statistics.median(result["combine_seconds"][1:] or result["combine_seconds"])}
 
 
 def grid_cells(model: str, rounds: int) -> list[dict[str, Any]]:
@@ -132,30 +135,40 @@ def _cell(result: dict[str, Any] | None) -> str:
 
 
 def cost(rounds: int, repeat: int) -> list[dict[str, Any]]:
-    """Median round time per rule (CNN, IID, clean) against plain FedAvg, each run in turn, ``repeat`` times."""
-    rows = []
-    for rule in ("fedavg-plain", *RULES):
-        times = []
-        for _ in range(repeat):
+    """Per rule (CNN, IID, clean): the median round time and the median time of the proposer's combine step (where
+    the rule runs, with validation), against plain FedAvg; the rules take turns within each repeat."""
+    names = ("fedavg-plain", *RULES)
+    rounds_s: dict[str, list[float]] = {name: [] for name in names}
+    combine_s: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeat):
+        for name in names:
             over = {"model": "cnn", "rounds": rounds, "partition": "iid", "attack": None, "attackers": 0.0,
-                    "aggregate": "fedavg" if rule == "fedavg-plain" else rule}
+                    "aggregate": "fedavg" if name == "fedavg-plain" else name}
             result = run_cell(over)
-            times.append(result["round_s"])
-        rows.append({"rule": rule, "round_s": statistics.median(times), "runs": times})
-    plain = rows[0]["round_s"]
-    print("\n| rule | median round (s) | runs | ratio to plain FedAvg |\n|---|---|---|---|")
+            rounds_s[name].append(result["round_s"])
+            combine_s[name].append(result["combine_s"])
+    rows = [{"rule": name, "round_s": statistics.median(rounds_s[name]), "runs": rounds_s[name],
+             "combine_s": statistics.median(combine_s[name])} for name in names]
+    plain = rows[0]
+    print("\n| rule | median round (s) | runs | ratio to plain FedAvg | combine step (s) |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['rule']} | {row['round_s']:.3f} | {', '.join(f'{t:.3f}' for t in row['runs'])} | "
-              f"{row['round_s'] / plain:.3f}x |")
+              f"{row['round_s'] / plain['round_s']:.3f}x | {row['combine_s']:.3f} |")
     return rows
 
 
 def compose(model: str) -> list[dict[str, Any]]:
-    """Flat against tiered robust aggregation over the same recorded updates (see the module docstring)."""
+    """Flat against tiered robust aggregation over the same recorded updates (see the module docstring). Each
+    attack runs 5 rounds at 30% attackers under the coordinate median (so the base of the last round is a sane
+    model) with every update recorded; from the last round's base and updates each rule is applied both ways.
+    Reported: the test accuracy of the one-round aggregate, and its L2 distance from the honest edge nodes'
+    sample-weighted mean (the aggregate an attack-free round would have had)."""
     import numpy as np
 
     from chain.tensors import decode_weights
     from chain.updates import REFUSED
+    from fl.aggregate import weighted_average
+    from fl.attacks import choose_attackers
     from fl.robust import aggregate, parse_rule
     from node.run import RunContext
     from node.sim.simulator import simulate
@@ -163,7 +176,8 @@ def compose(model: str) -> list[dict[str, Any]]:
     rows = []
     for attack in ATTACKS:
         with tempfile.TemporaryDirectory(prefix="fledger-compose-") as tmp:
-            cfg = base_config(Path(tmp), model=model, rounds=5, attack=attack, attackers=0.3, record_updates=True)
+            cfg = base_config(Path(tmp), model=model, rounds=5, attack=attack, attackers=0.3, aggregate="median",
+                              record_updates=True)
             result = simulate(cfg, fresh=True, progress=False, emit=lambda *_: None, super_nodes=2)
             store = LedgerStore(result["db"])
             try:
@@ -172,29 +186,38 @@ def compose(model: str) -> list[dict[str, Any]]:
                 base = store.load_weights(head - 1)
             finally:
                 store.close()
-            ctx = RunContext(cfg)
-            # every edge trains every round and every update is recorded in share order, so an update's position
-            # is its edge's share, and share i sits on super node i mod 2
-            shares = {u.record.record.trainer_id: i for i, u in enumerate(block.updates)}
-            updates = [(u, decode_weights(u.blob)) for u in block.updates if u.status != REFUSED]
-            for spec in RULES[1:4]:
-                rule = parse_rule(spec)
-                flat = aggregate(rule, base, [(w, u.record.record.samples) for u, w in updates]).weights
-                groups = [[(w, u.record.record.samples) for u, w in updates
-                           if shares[u.record.record.trainer_id] % 2 == g] for g in (0, 1)]
-                try:
-                    parts = [(aggregate(rule, base, g).weights, sum(s for _, s in g)) for g in groups if g]
-                    tiered = aggregate(rule, base, parts).weights
-                    tiered_acc = ctx.evaluate_global({**base, **tiered})["accuracy"]
-                except ValueError:   # Multi-Krum over two super nodes' results cannot run
-                    per_sn = [aggregate(rule, base, g).weights for g in groups if g]
-                    avg = {k: np.mean([p[k] for p in per_sn], axis=0).astype(base[k].dtype) for k in base}
-                    tiered_acc = ctx.evaluate_global({**base, **avg})["accuracy"]
-                rows.append({"attack": attack, "rule": spec,
-                             "flat": ctx.evaluate_global({**base, **flat})["accuracy"], "tiered": tiered_acc})
-    print("\n| attack (30%) | rule | flat (fledger) | tiered |\n|---|---|---|---|")
+        ctx = RunContext(cfg)
+        bad = set(choose_attackers(cfg.seed, cfg.clients, cfg.attackers))
+        # every edge trains every round and every update is recorded in share order, so an update's position is
+        # its edge's share, and share i sits on super node i mod 2
+        valid = [(i, decode_weights(u.blob), u.record.record.samples) for i, u in enumerate(block.updates)
+                 if u.status != REFUSED]
+        honest = weighted_average([(w, n) for i, w, n in valid if i not in bad])
+
+        def distance(weights: dict[str, Any], honest: dict[str, Any] = honest) -> float:
+            return float(np.sqrt(sum(np.sum((weights[k].astype(np.float64) - honest[k].astype(np.float64)) ** 2)
+                                     for k in honest)))
+
+        for spec in RULES[1:4]:
+            rule = parse_rule(spec)
+            flat = aggregate(rule, base, [(w, n) for _, w, n in valid]).weights
+            groups = [[(w, n) for i, w, n in valid if i % 2 == g] for g in (0, 1)]
+            per_sn = [(aggregate(rule, base, g).weights, sum(n for _, n in g)) for g in groups if g]
+            try:
+                tiered = aggregate(rule, base, per_sn).weights
+                how = spec
+            except ValueError:   # Multi-Krum cannot run over two results: average them
+                tiered, how = weighted_average(per_sn), "mean"
+            rows.append({"attack": attack, "rule": spec, "across": how,
+                         "flat": ctx.evaluate_global({**base, **flat})["accuracy"],
+                         "tiered": ctx.evaluate_global({**base, **tiered})["accuracy"],
+                         "flat_distance": distance(flat), "tiered_distance": distance(tiered)})
+    print("\n| attack (30%) | rule | flat (fledger): accuracy, distance | tiered (rule per super node, then "
+          "across): accuracy, distance |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['attack']} | {row['rule']} | {row['flat']:.2%} | {row['tiered']:.2%} |")
+        across = "" if row["across"] == row["rule"] else f" (across: {row['across']})"
+        print(f"| {row['attack']} | {row['rule']} | {row['flat']:.2%}, {row['flat_distance']:.3f} | "
+              f"{row['tiered']:.2%}, {row['tiered_distance']:.3f}{across} |")
     return rows
 
 
@@ -215,8 +238,9 @@ def record(models: Iterable[str]) -> list[dict[str, Any]]:
                 db = result["db"]
             store = LedgerStore(db)
             try:
-                blocks = [b for b in store.blocks() if UPDATES_ROOT in b.header.params]
-                blob = sum(len(u.blob) for u in blocks[-1].updates)
+                last = next(store.blocks(result["head_height"], result["head_height"]))
+                assert UPDATES_ROOT in last.header.params
+                blob = sum(len(u.blob) for u in last.updates)
             finally:
                 store.close()
             times = []
@@ -248,12 +272,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--cost-rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cells", type=int, default=0, help="run only the first N grid cells (a smoke test)")
     parser.add_argument("--out", default="bench-attacks.json")
     args = parser.parse_args()
     parts = set(args.part.split(","))
     out: dict[str, Any] = {}
     if "grid" in parts:
-        out["grid"] = run_all(grid_cells(args.model, args.rounds), args.workers)
+        cells = grid_cells(args.model, args.rounds)
+        out["grid"] = run_all(cells[:args.cells] if args.cells else cells, args.workers)
         print_grid(out["grid"])
     if "cost" in parts:
         out["cost"] = cost(args.cost_rounds, args.repeat)

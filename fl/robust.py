@@ -142,7 +142,7 @@ def aggregate(rule: Rule, base: Mapping[str, np.ndarray],
     if rule.name == "fedavg":
         floats = {name: inputs.weighted_mean(name, range(n)) for name in inputs.floats}
     elif rule.name == "median":
-        floats = {name: inputs.coordinatewise(name, lambda stack: np.median(stack, axis=0)) for name in inputs.floats}
+        floats = {name: inputs.coordinatewise(name, _median) for name in inputs.floats}
     elif rule.name == "trimmed-mean":
         k = int(rule.beta * n + 1e-9)
         if n - 2 * k < 1:
@@ -309,3 +309,14 @@ def _parse_int(text: str, what: str) -> int:
     if not _INT.fullmatch(text):
         raise ValueError(f"{what} must be an integer, got {text!r}")
     return int(text)
+
+
+def _median(stack: np.ndarray) -> np.ndarray:
+    """The median of each column, as np.median gives it (the mean of the two middle values for an even count),
+    through a full sort along the short axis: about twice as fast as np.median's partition for a few dozen rows."""
+    ordered = np.sort(stack, axis=0)
+    n = ordered.shape[0]
+    middle = ordered[n // 2]
+    if n % 2:
+        return np.array(middle, copy=True)
+    return np.asarray((ordered[n // 2 - 1] + middle) / 2.0)

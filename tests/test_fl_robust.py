@@ -271,3 +271,15 @@ def test_parse_refuses_bad_specs_with_one_helpful_line(text: str, fragment: str)
 def test_rule_refuses_parameters_of_another_rule() -> None:
     with pytest.raises(ValueError, match="f applies to multi-krum only"):
         Rule("median", f=2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 20])
+def test_median_gives_numpys_median_bit_for_bit(n: int) -> None:
+    rng = np.random.default_rng(n)
+    base = {"w": rng.standard_normal((30, 40)).astype(np.float32)}
+    updates = [({"w": (base["w"] + rng.standard_normal((30, 40))).astype(np.float32)}, 10) for _ in range(n)]
+
+    out = aggregate(Rule("median"), base, updates)
+
+    stack = np.stack([u["w"].astype(np.float64) for u, _ in updates])
+    assert np.array_equal(out.weights["w"], np.median(stack, axis=0).astype(np.float32))

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.encoding import is_hex_digest
 from chain.keys import NODE_ID_HEX_LEN, PUBLIC_KEY_HEX_LEN
+from chain.tensors import encode_weights
 from chain.updates import MAX_REASON_CHARS as MAX_UPDATE_REASON_CHARS
 from chain.updates import STATUSES, RecordedUpdate
 from fl.participant import EvalRes, FitIns
@@ -379,7 +380,8 @@ def partial_parts(partial: Partial) -> Iterator[PartialPartMsg]:
             yield PartialPartMsg(weights=chunk)
     for update in partial.updates:
         yield PartialPartMsg(update=ForwardedUpdateMsg(record=record_to_msg(update.record)))
-        for chunk in send_weights(update.weights):
+        # the update's hash is the one its edge node signed (and its super node checked on arrival): not hashed again
+        for chunk in blob_chunks(encode_weights(update.weights), update.record.record.update_hash):
             yield PartialPartMsg(weights=chunk)
 
 

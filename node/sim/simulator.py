@@ -179,7 +179,8 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
                 bar = None
             seconds = report.timings["round_s"]
             rows.append({"round": rnd, "seconds": round(seconds, 3), "clients": report.participants,
-                         "failures": len(report.failures), "excluded": len(report.excluded), **report.metrics})
+                         "failures": len(report.failures), "excluded": len(report.excluded),
+                         "combine_s": round(report.timings.get("combine_s", 0.0), 4), **report.metrics})
             emit(_round_line(report, cfg.rounds))
         for sn in sim.supernodes:
             sn.ledger.flush()
@@ -193,7 +194,10 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
                   "final_accuracy": rows[-1].get("accuracy") if rows else None,
                   "wall_s": round(time.perf_counter() - started, 3), "head_height": head.height,
                   "head_hash": head.hash, "db": ledger.store.url, "dataset": ctx.dataset.source, "algo": cfg.algo,
-                  "super_nodes": super_nodes, "round_seconds": [row["seconds"] for row in rows]}
+                  "super_nodes": super_nodes, "round_seconds": [row["seconds"] for row in rows],
+                  "combine_seconds": [row["combine_s"] for row in rows],
+                  "aggregate": ctx.plan().aggregate,
+                  "attackers": [t.participant.participant_id for t in sim.edges if t.attack is not None]}
         if super_nodes > 1:
             result["heads"] = [sn.ledger.head.hash if sn.ledger.head else None for sn in sim.supernodes]
         if rows and ctx.strategy.name == "fedper":
