@@ -12,6 +12,7 @@ import numpy as np
 
 from chain.block import SignedBlock
 from chain.keys import NodeKey
+from chain.validators import is_membership
 from chain.verify import Head
 from config import Config
 from conftest import wait_until
@@ -124,3 +125,12 @@ class Network:
             node.stop(None)
         for sn in self.sns:
             sn.ledger.close()
+
+
+def model_hashes(ledger: Ledger) -> list[str]:
+    """The model of every block but the membership blocks (they keep the model): one per round, as simulate's."""
+    ledger.flush()
+    head = ledger.head
+    assert head is not None
+    headers = [ledger.get_block(h)[0].header for h in range(head.height + 1)]
+    return [header.model_hash for header in headers if not is_membership(header)]

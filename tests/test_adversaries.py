@@ -20,7 +20,7 @@ from chain.verify import verify_chain
 from config import Config, validate
 from conftest import raw_connection
 from fl.participant import FitIns, FitRes
-from network import Network
+from network import Network, model_hashes
 from network import config as network_config
 from node.engine.recompute import RecomputeError, recompute_chain
 from node.sim.simulator import Simulation, prepare, simulate
@@ -161,14 +161,6 @@ def test_verify_recompute_passes_an_honest_chain_and_names_the_height_of_a_chang
             recompute_chain(store)
     finally:
         store.close()
-
-
-def model_hashes(ledger: Any) -> list[str]:
-    ledger.flush()
-    head = ledger.head
-    assert head is not None
-    headers = [ledger.get_block(h)[0].header for h in range(head.height + 1)]
-    return [header.model_hash for header in headers if not is_membership(header)]
 
 
 @pytest.mark.slow

@@ -16,10 +16,9 @@ from chain.validators import is_membership
 from chain.verify import verify_chain
 from conftest import wait_until
 from fl.strategy import FedAvg
-from network import Network, config
+from network import Network, config, model_hashes
 from node.engine.errors import BadRequestError
 from node.engine.types import EdgeRef
-from node.ledger import Ledger
 from node.rpc import transport
 from node.sim.simulator import simulate
 from proto import fledger_pb2_grpc
@@ -33,15 +32,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     network = Network(tmp_path_factory.mktemp("net"), supernodes=2, edges=4)
     yield network
     network.close()
-
-
-def model_hashes(ledger: Ledger) -> list[str]:
-    """The model of every block but the membership blocks (they keep the model): one per round, as simulate's."""
-    ledger.flush()
-    head = ledger.head
-    assert head is not None
-    headers = [ledger.get_block(h)[0].header for h in range(head.height + 1)]
-    return [header.model_hash for header in headers if not is_membership(header)]
 
 
 def simulated_model_hashes(root: Path, super_nodes: int, **over: Any) -> list[str]:
