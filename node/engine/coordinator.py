@@ -227,7 +227,8 @@ class Coordinator:
         params: dict[str, Any] = dict(self.ctx.params())
         # Updates that arrived and were refused (by their super node, or below by this one) or left out by the
         # rule: the block lists them, so `getBlock` shows who was excluded and why.
-        excluded = [(node_id, why) for node_id, why in failures if why.startswith(REJECTED)]
+        chosen = set(announcement.participants)
+        excluded = [(node_id, why) for node_id, why in failures if why.startswith(REJECTED) and node_id in chosen]
         recorded: list[RecordedUpdate] = []
         if announcement.plan.forwards:
             try:
