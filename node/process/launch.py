@@ -177,10 +177,15 @@ def run_node(cfg: Config) -> int:
     node = build_node(cfg)
     state = {"clean": False}
 
+    # The handler only appends to a list. It runs between two bytecodes of the main thread, which may then hold
+    # any lock: setting the Event from here deadlocked when a signal came while the main thread was inside
+    # Event.wait holding the Event's own lock, and the node outlived its parent (seen once in CI).
+    signals: list[int] = []
+
     def on_signal(signum: int, _frame: object) -> None:
-        if stop.is_set() and signum == signal.SIGINT:   # Ctrl-C twice: leave now
+        if signals and signum == signal.SIGINT:   # Ctrl-C twice: leave now
             os._exit(128 + signum)
-        stop.set()
+        signals.append(signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
@@ -196,9 +201,10 @@ def run_node(cfg: Config) -> int:
         elif isinstance(node, SuperNode) and node.join_port is not None:
             print(f"secure mode: joins on port {node.join_port}; tokens in {Path(cfg.data_root).resolve()}/"
                   f"join-*.token, operator identity in {Path(cfg.data_root).resolve()}/admin", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not signals:
+            time.sleep(0.5)   # a signal interrupts the sleep, runs the handler, and the sleep goes on to its end
     finally:
+        stop.set()   # from the main thread: the parent watchdog sees that the node is stopping
         print("stopping", flush=True)
         _exit_within(STOP_LIMIT_S if expected_parent() is None else CHILD_STOP_LIMIT_S, state)
         ready = Path(cfg.data_root) / READY_FILE

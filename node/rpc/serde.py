@@ -434,7 +434,10 @@ def _forwarded_update(record: SignedRecord, assembler: WeightsAssembler) -> Upda
     trainer = record.record.trainer_id
     if not assembler.started:
         raise BadRequestError(f"update of edge {trainer} came without its weights")
-    weights, digest = assembler.finish()
+    try:
+        weights, digest = assembler.finish()
+    except BadRequestError as exc:   # the weights do not hash to what was announced for them
+        raise BadRequestError(f"update of edge {trainer} does not match its signed record: {clip(exc)}") from exc
     if not hmac.compare_digest(digest.encode(), record.record.update_hash.encode()):
         raise BadRequestError(f"update of edge {trainer} does not match its signed record")
     return Update(record, weights)
