@@ -7,18 +7,19 @@ seed) running each attack of fl.attacks against each rule. Parts (``--part``, de
 
 - ``grid``: the accuracy table (``--model``, default the 2NN so the whole grid fits in a session on two cores;
   ``--rounds`` 20);
-- ``cost``: median round time of each rule against plain FedAvg (averaged per super node, nothing forwarded), on
-  the McMahan CNN, IID, no attackers, ``--cost-rounds`` rounds per rule, ``--repeat`` runs;
-- ``compose``: from the updates recorded in the last round of a 30%-attack run (2 super nodes, edge i on super
-  node i mod 2), the rule over all updates at the proposer ("flat", what fledger does) against the rule per super
-  node and again over the super nodes' results ("tiered"): test accuracy of each one-round aggregate, from the
-  same base and the same updates;
+- ``cost``: median round time of each rule, and of the proposer's combine step where it runs, against plain
+  FedAvg (averaged per super node, nothing forwarded), on the McMahan CNN, IID, no attackers, ``--cost-rounds``
+  rounds per run, ``--repeat`` runs with the rules taking turns;
+- ``compose``: from the updates recorded in the last round of a 5-round, 30%-attack run under the median (2 super
+  nodes, edge i on super node i mod 2), the rule over all updates at the proposer ("flat", what fledger does)
+  against the rule per super node and again over the super nodes' results ("tiered"): test accuracy of each
+  one-round aggregate and its distance from the honest mean, from the same base and the same updates;
 - ``record``: a 20-round chain with recorded updates (CNN and 2NN): the bytes the updates add per round and the
   time of `verify --recompute`.
 
 Usage:
 
-    python bench/bench_attacks.py [--part grid,cost,compose,record] [--workers 2] [--out bench-attacks.json]
+    python bench/bench_attacks.py [--part grid,cost,compose,record] [--workers 2] [--cells N] [--out FILE]
 """
 from __future__ import annotations
 
@@ -270,7 +271,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--model", default="2nn")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--cost-rounds", type=int, default=5)
+    parser.add_argument("--cost-rounds", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cells", type=int, default=0, help="run only the first N grid cells (a smoke test)")
     parser.add_argument("--out", default="bench-attacks.json")
