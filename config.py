@@ -83,6 +83,10 @@ class Config:
     record_updates: bool = False        # store every update with its block, for `verify --recompute`
     attack: str | None = None           # NAME[:key=value,...]: the attack of the malicious edge nodes
     attackers: float = 0.0              # simulate: the share of edge nodes that attack, drawn from the seed
+    # --- edge network conditions (see README, "Scenarios") ----------------------------------------------
+    scenario: str | None = None         # a scenario TOML file: devices, links, availability, deadline
+    shape_links: bool = True            # network: spend each link profile's time for real (off: the kernel shapes)
+    share_size: int | None = None       # simulate: images per client, shares drawn with overlap (1,000 x 40 of 4,000)
     # --- security (see README, "Secure mode") -------------------------------------------------------
     secure: bool = False                # mutual TLS and admission by join token (default off loopback)
     insecure: bool = False              # allow open mode on a non-loopback address
@@ -221,6 +225,7 @@ def validate(cfg: Config) -> Config:
         ("retry_for_s", 0 <= cfg.retry_for_s <= 7 * 86400, "in [0, 604800]"),
         ("max_update_norm", cfg.max_update_norm is None or cfg.max_update_norm > 0, "greater than 0"),
         ("attackers", 0 <= cfg.attackers <= 1, "in [0, 1]"),
+        ("share_size", cfg.share_size is None or cfg.share_size >= 1, "at least 1"),
     ]
     for key, ok, expected in checks:
         if not ok:

@@ -15,6 +15,7 @@ from chain.updates import AGGREGATE
 from config import Config, ConfigError, local_test_fraction
 from fl.aggregate import Weights
 from fl.attacks import Attack, Coalition, Trainer, choose_attackers, parse_attack
+from fl.cost import measure_gflops, train_flops_per_sample
 from fl.data import Dataset, load_dataset
 from fl.local import InProcessParticipant, Workbench
 from fl.models import build_model, default_model_for
@@ -24,8 +25,12 @@ from fl.robust import parse_rule
 from fl.strategy import FedAvg, make_strategy
 from fl.train import evaluate as evaluate_model
 from fl.weights import load_numpy, state_to_numpy
+from node.engine.clock import VirtualClock
 from node.engine.edge import EdgeCore
+from node.engine.scenario import Scenario, load_scenario
 from node.engine.types import Plan
+
+HOST_GFLOPS = "host_gflops"   # genesis params: the machine rate a scenario's relative devices were timed against
 
 
 def configure_torch(cfg: Config) -> str:
@@ -55,8 +60,15 @@ def initial_model(cfg: Config, dataset: Dataset) -> torch.nn.Module:
 
 def client_shares(cfg: Config, dataset: Dataset, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every client's (train indices, local test indices), seeded by the run's seed."""
-    parts = partition(dataset.train_y.numpy(), count, cfg.partition, cfg.seed, alpha=cfg.alpha,
-                      shards_per_client=cfg.shards_per_client)
+    if cfg.share_size is not None:   # overlapping shares: each client draws its own images (1,000 x 40 of 4,000)
+        total = len(dataset.train_y)
+        if cfg.share_size > total:
+            raise ConfigError(f"--share-size {cfg.share_size} is more than the {total} training images")
+        parts = [np.sort(np.random.default_rng([cfg.seed, i, 0x5A]).choice(total, cfg.share_size, replace=False))
+                 for i in range(count)]
+    else:
+        parts = partition(dataset.train_y.numpy(), count, cfg.partition, cfg.seed, alpha=cfg.alpha,
+                          shards_per_client=cfg.shards_per_client)
     holdout = local_test_fraction(cfg)
     return [local_split(idx, holdout, cfg.seed + i) for i, idx in enumerate(parts)]
 
@@ -76,6 +88,8 @@ def run_params(cfg: Config, strategy: FedAvg, data_source: str, super_nodes: int
         params[AGGREGATE] = rule
     if cfg.max_update_norm is not None:
         params["max_update_norm"] = repr(cfg.max_update_norm)
+    if cfg.share_size is not None:
+        params["share_size"] = str(cfg.share_size)
     return params
 
 
@@ -110,9 +124,9 @@ def edge_cores(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_cou
     if first_share < 0 or first_share + len(keys) > share_count:
         raise ConfigError(f"data shares {first_share}..{first_share + len(keys) - 1} are outside 0..{share_count - 1}")
     dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    if share_count > len(dataset.train_y):
+    if share_count > len(dataset.train_y) and cfg.share_size is None:
         raise ConfigError(f"{share_count} clients but only {len(dataset.train_y)} training samples; "
-                         "use fewer --clients")
+                         "use fewer --clients, or --share-size N for overlapping shares")
     shares = client_shares(cfg, dataset, share_count)
     model = initial_model(cfg, dataset)
     shared = strategy_for(cfg).shared_keys(model)
@@ -122,12 +136,17 @@ def edge_cores(cfg: Config, keys: Sequence[NodeKey], first_share: int, share_cou
     cores = [EdgeCore(InProcessParticipant(f"client-{first_share + i:03d}", dataset, *shares[first_share + i], bench,
                                            shared, personal), key, share=first_share + i)
              for i, key in enumerate(keys)]
-    attackers = set(attacker_shares(cfg, share_count, first_share, len(keys)))
+    specs = {share: cfg.attack for share in attacker_shares(cfg, share_count, first_share, len(keys))
+             if cfg.attack is not None}
+    if cfg.scenario:   # a scenario's [[edges]] attack entries, by data share
+        scenario = load_scenario(cfg.scenario)
+        specs.update({i: e.attack for i, e in enumerate(scenario.edges) if e.attack is not None})
     coalition = Coalition(share_count, cfg.seed)   # this process's colluding attackers (ALIE pools their updates)
     for core in cores:
-        if core.share in attackers and cfg.attack is not None:
+        spec = specs.get(core.share) if core.share is not None else None
+        if spec is not None:
             assert core.share is not None
-            core.attack = Attack(parse_attack(cfg.attack), coalition, share=core.share)
+            core.attack = Attack(parse_attack(spec), coalition, share=core.share)
             coalition.join(_honest(core.participant), core.share)
     return cores, bench, dataset
 
@@ -147,6 +166,9 @@ class RunContext:
         self._lock = threading.Lock()
         self._dataset = dataset
         self._bench = workbench
+        # A scenario's conditions and the virtual clock that plans its rounds (node.engine.clock); None without one.
+        self.scenario: Scenario | None = load_scenario(cfg.scenario) if cfg.scenario else None
+        self._clock: VirtualClock | None = None
 
     @property
     def dataset(self) -> Dataset:
@@ -164,7 +186,45 @@ class RunContext:
             return self._bench
 
     def params(self) -> dict[str, str]:
-        return run_params(self.cfg, self.strategy, self.dataset.source, self.super_nodes)
+        params = run_params(self.cfg, self.strategy, self.dataset.source, self.super_nodes)
+        if self.scenario is not None:   # the conditions are part of what fixes a run
+            params["scenario"] = self.scenario.digest
+            if self.scenario.needs_host_rate:
+                params[HOST_GFLOPS] = repr(self.host_gflops())
+        return params
+
+    def pin_host_gflops(self, value: float) -> None:
+        """Use this machine rate (a resumed chain's, from its genesis) for devices relative to this machine."""
+        if self.scenario is not None:
+            self.scenario = self.scenario.with_host_gflops(value)
+
+    def host_gflops(self) -> float:
+        """This machine's training rate for the run's model: pinned by the scenario or a resumed chain, else measured
+        once (rounded to 0.01 GFLOP/s, the value recorded in the genesis block)."""
+        assert self.scenario is not None
+        if self.scenario.host_gflops is None:
+            bench, data = self.workbench, self.dataset
+            with bench.lock:
+                rate = measure_gflops(bench.model, data.input_shape, data.num_classes, self.cfg.batch_size)
+            self.scenario = self.scenario.with_host_gflops(round(rate, 2))
+        assert self.scenario.host_gflops is not None
+        return self.scenario.host_gflops
+
+    def clock(self) -> VirtualClock | None:
+        """The scenario's virtual clock (built on first use), None without a scenario."""
+        if self.scenario is None:
+            return None
+        with self._lock:
+            built = self._clock
+        if built is None:
+            if self.scenario.needs_host_rate:
+                self.host_gflops()
+            data = self.dataset
+            flops = train_flops_per_sample(self.workbench.model, data.input_shape)
+            built = VirtualClock(self.scenario, self.cfg.seed, flops, self.cfg.local_epochs, self.cfg.fraction)
+            with self._lock:
+                self._clock = built
+        return built
 
     def plan(self) -> Plan:
         """The round instructions every super node follows: the strategy's, the aggregation rule, recording."""

@@ -389,7 +389,7 @@ class TrainRequest(_message.Message):
     def __init__(self, rounds: _Optional[int] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("round", "height", "block_hash", "participants", "failures", "metrics", "message", "timings", "error", "excluded")
+    __slots__ = ("round", "height", "block_hash", "participants", "failures", "metrics", "message", "timings", "error", "excluded", "dropped")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -414,6 +414,7 @@ class TrainProgress(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     round: int
     height: int
     block_hash: str
@@ -424,7 +425,8 @@ class TrainProgress(_message.Message):
     timings: _containers.ScalarMap[str, float]
     error: bool
     excluded: _containers.RepeatedCompositeFieldContainer[Failure]
-    def __init__(self, round: _Optional[int] = ..., height: _Optional[int] = ..., block_hash: _Optional[str] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., error: _Optional[bool] = ..., excluded: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ...) -> None: ...
+    dropped: _containers.RepeatedCompositeFieldContainer[Failure]
+    def __init__(self, round: _Optional[int] = ..., height: _Optional[int] = ..., block_hash: _Optional[str] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., error: _Optional[bool] = ..., excluded: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ...) -> None: ...
 
 class EvalReply(_message.Message):
     __slots__ = ("loss", "accuracy", "samples", "edges", "edge_accuracy_mean", "edge_accuracy_min", "edge_accuracy_max")

@@ -26,7 +26,8 @@ class UsageError(Exception):
 # Each is looked up only if its module was imported, since only then can it have been raised.
 USER_ERRORS = (("config", "ConfigError"), ("fl.data", "DataError"), ("fl.partition", "PartitionError"),
                ("chain.checkpoint", "CheckpointError"), ("chain.keys", "KeyFileError"),
-               ("storage.engine", "StorageUnavailable"), ("node.sim.simulator", "ResumeMismatch"))
+               ("storage.engine", "StorageUnavailable"), ("node.sim.simulator", "ResumeMismatch"),
+               ("node.engine.traces", "TraceError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -140,6 +141,9 @@ def _add_fl_flags(p: argparse.ArgumentParser) -> None:
                    help="refuse an update farther than C (L2) from the round's base model")
     p.add_argument("--record-updates", dest="record_updates", action="store_true", default=None,
                    help="store every update with its block, for verify --recompute")
+    p.add_argument("--scenario", metavar="FILE",
+                   help="scenario TOML: devices, links, availability, deadline and over-commitment of the edge "
+                        "network (README, Scenarios); flags override its [network] sizes")
 
 
 def _add_attack_flag(p: argparse.ArgumentParser, who: str) -> None:
@@ -156,8 +160,9 @@ def _add_attackers_flag(p: argparse.ArgumentParser) -> None:
 FL_KEYS = ("data_root", "db", "dataset", "data_dir", "download", "model", "algo", "clients", "rounds", "fraction",
            "partition", "alpha", "shards_per_client", "local_test_fraction", "local_epochs", "batch_size", "lr",
            "momentum", "seed",
-           "threads", "device", "reproducible", "aggregate", "max_update_norm", "record_updates")
-RUN_KEYS = FL_KEYS + ("attack", "attackers")   # simulate and cluster: also an attack and the share running it
+           "threads", "device", "reproducible", "aggregate", "max_update_norm", "record_updates", "scenario")
+# simulate and cluster: also an attack, the share running it, and overlapping shares
+RUN_KEYS = FL_KEYS + ("attack", "attackers", "share_size")
 
 
 def config_from(args: argparse.Namespace, keys: Sequence[str] = FL_KEYS):
@@ -175,8 +180,12 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--fresh", action="store_true", help="discard the ledger in --db and start a new chain")
     p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--sn", type=int, default=1,
-                   help="super nodes simulated in this process (default 1); edge node i belongs to super node i mod K")
+    p.add_argument("--sn", type=int,
+                   help="super nodes simulated in this process (default 1, or the scenario's); edge node i belongs "
+                        "to super node i mod K")
+    p.add_argument("--share-size", dest="share_size", type=int, metavar="N",
+                   help="each client draws N training images of its own, seeded; shares overlap (1,000 clients of "
+                        "40 images from the 4,000 of the offline sample), instead of --partition's disjoint split")
     _add_attack_flag(p, "run by the --attackers share of the edge nodes")
     _add_attackers_flag(p)
 
@@ -187,6 +196,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from node.sim.simulator import simulate
     from storage.writer import WriterFailed
     cfg = config_from(args, RUN_KEYS)
+    cfg, args.sn = with_scenario_sizes(cfg, args.clients, args.sn, 1)
     if args.sn < 1:
         raise UsageError(f"--sn must be at least 1, got {args.sn}")
     if args.sn > cfg.clients:
@@ -197,12 +207,36 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (RoundFailed, NoMajorityError, WriterFailed) as exc:
         print(f"simulation stopped: {exc}; the chain keeps every block before it (rerun to resume)", file=sys.stderr)
         return 1
+    if "sim_time_s" in result:
+        print(f"simulated time: {result['sim_time_s']:.1f} s over {result['rounds_run']} rounds; "
+              f"{result['dropped']} edge node rounds dropped; timeline in {out}")
     print(f"done: {result['rounds_run']} rounds in {result['wall_s']:.1f} s; final accuracy "
           f"{_pct(result['final_accuracy'])}; head height {result['head_height']} hash {result['head_hash']}; "
           f"metrics and plot in {out}")
     if args.json:
         print(json.dumps(result, sort_keys=True))
     return 0
+
+
+def with_scenario_sizes(cfg, clients: int | None, supernodes: int | None, default_sn: int):
+    """(config, super nodes) with a scenario's [network] sizes where the flags gave none; a scenario describing
+    fewer edge nodes than the run has is refused."""
+    from dataclasses import replace
+
+    from config import ConfigError
+    if cfg.scenario is None:
+        return cfg, supernodes if supernodes is not None else default_sn
+    from node.engine.scenario import load_scenario
+    try:
+        scenario = load_scenario(cfg.scenario)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    if clients is None:
+        cfg = replace(cfg, clients=scenario.edge_nodes)
+    if cfg.clients > scenario.edge_nodes:
+        raise UsageError(f"{cfg.clients} edge nodes, but the scenario {cfg.scenario} describes {scenario.edge_nodes}; "
+                         "raise [network] edge_nodes there or pass fewer")
+    return cfg, supernodes if supernodes is not None else scenario.super_nodes
 
 
 def _pct(value) -> str:
@@ -294,8 +328,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _traces_parser(sub) -> None:
+    from node.cli.traces import register
+    register(sub)
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    from node.cli.traces import cmd_traces as run_traces
+    return run_traces(args)
+
+
 COMMANDS = {"verify": (_verify_parser, cmd_verify), "simulate": (_simulate_parser, cmd_simulate),
-            "node": (_node_parser, cmd_node), "cluster": (_cluster_parser, cmd_cluster)}
+            "node": (_node_parser, cmd_node), "cluster": (_cluster_parser, cmd_cluster),
+            "traces": (_traces_parser, cmd_traces)}
 
 
 class Parser(argparse.ArgumentParser):

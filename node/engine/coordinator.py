@@ -12,11 +12,13 @@ from typing import Any
 
 from chain.block import SignedBlock
 from chain.keys import node_id_for
+from chain.tensors import encoded_size
 from chain.updates import EXCLUDED, RecordedUpdate
 from chain.validators import VALIDATORS, MembershipChange, MembershipError, apply_change
 from chain.verify import VerifiedBlock
 from fl.robust import parse_rule
 from fl.server import REJECTED, RoundFailed, evaluate_personalised
+from node.engine.clock import EmptyRound, idle_s
 from node.engine.consensus import ask_all, finalize, take_lead
 from node.engine.election import proposer_of
 from node.engine.errors import BadRequestError, NetError, PreconditionError
@@ -24,6 +26,7 @@ from node.engine.partial import Roster, check_partial, combine, combine_metrics,
 from node.engine.receipts import integer_metrics
 from node.engine.supernode import SuperNodeCore
 from node.engine.types import (
+    SIM,
     Announcement,
     Base,
     EdgeDirectory,
@@ -31,6 +34,7 @@ from node.engine.types import (
     MembershipResult,
     Partial,
     Peer,
+    RoundPlan,
     RoundReport,
     share_order,
 )
@@ -100,6 +104,25 @@ class Coordinator:
             raise RoundFailed(round, [("network", "no live edge node is registered with any super node")])
         chosen = set(self.ctx.strategy.select(round, [e.node_id for e in ordered]))
         return [e for e in ordered if e.node_id in chosen]
+
+    def plan(self, round: int, edges: Sequence[EdgeRef], roster: Roster, base: Base,
+             peers: Sequence[Peer]) -> RoundPlan:
+        """Under a scenario: the round's plan on the virtual clock (who is online, who trains, who is dropped and
+        why, and the simulated time), from the head's clock."""
+        clock = self.ctx.clock()
+        assert clock is not None
+        head = self.ledger.head
+        if head is not None and clock.height != head.height:   # a block this node did not plan: read its clock
+            clock.resume(self.ledger.get_block(head.height)[0].header.params)
+            clock.height = head.height
+        ordered = sorted(edges, key=share_order)
+        if not ordered:
+            raise RoundFailed(round, [("network", "no live edge node is registered with any super node")])
+        validators = {node_id_for(k) for k in self.ledger.validators} - {self.local.node_id}
+        others = sorted(p.node_id for p in peers if p.node_id in validators)
+        holder = {edge_id: sn_id for edge_id, (sn_id, _) in roster.items()}
+        return clock.plan(round, ordered, holder, self.local.node_id, others, encoded_size(base.weights),
+                          self.ctx.plan().forwards)
 
     def all_edges(self, peers: Sequence[Peer]) -> list[EdgeRef]:
         """Every live edge node once: this super node's own, then each peer's (an unreachable peer lists none). An
@@ -207,7 +230,19 @@ class Coordinator:
         base = self.local.base(head.height)
         edges = self.all_edges(peers)
         roster: Roster = self._listing.roster   # who listed each edge above (all_edges, on this thread)
-        selected = self.select(round, edges)
+        plan: RoundPlan | None = None
+        if self.ctx.scenario is None:
+            selected = self.select(round, edges)
+        else:
+            plan = self.plan(round, edges, roster, base, peers)
+            kept = set(plan.kept)
+            selected = [e for e in sorted(edges, key=share_order) if e.node_id in kept]
+            if not selected:
+                clock = self.ctx.clock()
+                assert clock is not None
+                clock.now_s = plan.start_s + max(plan.round_s, idle_s(self.ctx.scenario))
+                raise EmptyRound(round, plan.dropped or [("network", f"none of the {len(edges)} edge nodes is online "
+                                                                      f"at simulated time {plan.start_s:.1f} s")])
         announcement = Announcement(round, base.height, base.model_hash, self.local.node_id,
                                     tuple(e.node_id for e in selected), self.ctx.plan(),
                                     self.state.view, self.target_round)
@@ -248,6 +283,8 @@ class Coordinator:
             position = {node_id: i for i, node_id in enumerate(announcement.participants)}
             excluded.sort(key=lambda item: position.get(item[0], len(position)))
             params[EXCLUDED] = [[node_id, clip_reason(why)] for node_id, why in excluded[:MAX_EXCLUDED]]
+        if plan is not None:
+            params[SIM] = plan.params()
         timings["combine_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         model = Base(head.height + 1, None, new)
@@ -265,9 +302,16 @@ class Coordinator:
         block = final.block
         self.local.remember(Base(block.header.height, block.header.model_hash, new, proposal.weights_blob))
         timings["round_s"] = time.perf_counter() - started
+        if plan is not None:
+            clock = self.ctx.clock()
+            assert clock is not None
+            clock.advance(plan)
+            clock.height = block.header.height
+            timings.update(sim_round_s=plan.round_s, sim_time_s=plan.end_s)
         log.info("round %d: block %d %s, %d updates, %d failures, %.2f s", round, block.header.height,
                  block.hash[:12], len(records), len(failures), timings["round_s"])
-        return RoundReport(round, block, metrics, len(records), failures, timings, excluded)
+        return RoundReport(round, block, metrics, len(records), failures, timings, excluded,
+                           plan.dropped if plan is not None else [], plan)
 
     def change_validators(self, op: str, key: str, node_id: str) -> MembershipResult:
         """Propose, have co-signed and store a membership block on the head that adds (``op`` "add") or removes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from chain.block import Cosignature, SignedBlock, SignedRecord
 from chain.tensors import encode_weights, model_hash
@@ -14,6 +14,9 @@ from chain.verify import VerifiedBlock
 from fl.aggregate import Weights
 from fl.participant import Participant
 from fl.strategy import FedAvg, make_strategy
+
+SIM = "sim"            # the block params key holding a scenario round's simulated time and dropped edge nodes
+MAX_DROPPED = 1000     # the most dropped edge nodes a block lists
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,57 @@ class MembershipResult:
 
 
 @dataclass(frozen=True)
+class EdgeTiming:
+    """One selected edge node's round: its phases in simulated seconds from the round's start, and its fate."""
+
+    edge: str
+    index: int
+    sn: str
+    status: str               # "trained" | "dropped"
+    reason: str | None
+    down_s: float
+    compute_s: float
+    up_s: float
+    finish_s: float           # relative to the round's start (arrival of the announcement included)
+
+    def row(self) -> dict[str, Any]:
+        return {"edge": self.edge, "index": self.index, "sn": self.sn, "status": self.status, "reason": self.reason,
+                "down_s": round(self.down_s, 4), "compute_s": round(self.compute_s, 4), "up_s": round(self.up_s, 4),
+                "finish_s": round(self.finish_s, 4)}
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    start_s: float                       # the virtual clock when the round starts
+    round_s: float                       # its simulated duration
+    kept: list[str]                      # edge nodes that train, in share order
+    timings: list[EdgeTiming]            # every selected edge node, in share order
+    available: int                       # edge nodes online at the round's start
+    deadline_s: float | None
+    phases: dict[str, float] = field(default_factory=dict)   # partials_s, cosign_s, commit_s
+
+    @property
+    def dropped(self) -> list[tuple[str, str]]:
+        return [(t.edge, t.reason or "dropped") for t in self.timings if t.status == "dropped"]
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.round_s
+
+    def params(self) -> dict[str, Any]:
+        """What the block records: integer milliseconds (no floats in a header) and who was dropped and why."""
+        return {"round_ms": round(self.round_s * 1000), "clock_ms": round(self.end_s * 1000),
+                "dropped": [[edge, why] for edge, why in self.dropped[:MAX_DROPPED]]}
+
+    def row(self) -> dict[str, Any]:
+        return {"round": self.round, "start_s": round(self.start_s, 4), "round_s": round(self.round_s, 4),
+                "deadline_s": self.deadline_s, "available": self.available,
+                "edges": [t.row() for t in self.timings]}
+
+
+
+@dataclass(frozen=True)
 class RoundReport:
     """A finished round: its final block, metrics, how many updates it used, and what failed (data, not errors)."""
 
@@ -150,6 +204,9 @@ class RoundReport:
     timings: dict[str, float] = field(default_factory=dict)   # seconds; see Coordinator.run_round
     excluded: list[tuple[str, str]] = field(default_factory=list)   # (edge id, why): updates that arrived but
                                                                     # were refused or left out by the rule
+    dropped: list[tuple[str, str]] = field(default_factory=list)    # (edge id, why): selected under a scenario
+                                                                    # but not trained (offline, late, not first K)
+    sim: RoundPlan | None = None   # the round on the virtual clock (a scenario's runs only)
 
 
 @dataclass(frozen=True)

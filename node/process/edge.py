@@ -8,6 +8,7 @@ import time
 
 from node.engine.edge import EdgeCore
 from node.engine.errors import NetError, NotFoundError, UnavailableError
+from node.engine.pacing import Pacer
 from node.engine.views import MemberView
 from node.rpc import transport
 from node.rpc.clients import RegistryClient
@@ -26,7 +27,7 @@ class EdgeNode:
 
     def __init__(self, core: EdgeCore, listen: str, entry: str, advertise_host: str = "127.0.0.1",
                  advertise_port: int | None = None, heartbeat_interval: float = 2.0,
-                 security: TlsCredentials | None = None):
+                 security: TlsCredentials | None = None, pacer: Pacer | None = None):
         self.core = core
         self.security = security   # secure mode: this edge node's certificate
         self.key = core.key
@@ -36,7 +37,8 @@ class EdgeNode:
         self.address = f"{advertise_host}:{advertise_port or self.port}"
         self.info = MemberView(self.key.node_id, self.key.public_hex, self.address, "edge", True,
                                samples=core.samples, share=core.share)
-        add_edge_service(self.server, core, self.info, authorize=Authorizer() if security is not None else None)
+        add_edge_service(self.server, core, self.info, authorize=Authorizer() if security is not None else None,
+                         pacer=pacer)
         self.registry = RegistryClient(entry, security=security)
         self.supernode: str | None = None   # address of the super node this edge node is registered with
         self.known: list[str] = []          # the other super nodes' addresses, as the entry last listed them

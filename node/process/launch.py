@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chain.private import private_dir
 from config import Config, ConfigError
@@ -18,6 +19,11 @@ from node.process.edge import EdgeHost, EdgeNode
 from node.process.secure import OPEN_MODE_WARNING
 from node.process.supernode import SuperNode
 from node.security.pki import TlsCredentials
+
+if TYPE_CHECKING:
+    from fl.data import Dataset
+    from fl.local import Workbench
+    from node.engine.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +90,8 @@ def build_node(cfg: Config) -> SuperNode | EdgeNode | EdgeHost:
         private_dir(root)
         keys.append(NodeKey.load_or_create(root / KEY_FILE))
         hosted.append(joined_credentials(root, keys[-1], "edge", cfg, hosts) if secure else None)
-    cores, _, _ = edge_cores(cfg, keys, cfg.partition_index, cfg.partition_count, device=device)
+    cores, bench, dataset = edge_cores(cfg, keys, cfg.partition_index, cfg.partition_count, device=device)
+    pacer = edge_pacer(cfg, bench, dataset)
     nodes = []
     for i, (root, core) in enumerate(zip(roots, cores, strict=True)):
         restore_personal(core.participant, root / PERSONAL_FILE)
@@ -92,8 +99,31 @@ def build_node(cfg: Config) -> SuperNode | EdgeNode | EdgeHost:
         port = cfg.port + i if cfg.port else 0
         nodes.append(EdgeNode(core, f"{cfg.ip}:{port}", cfg.entry, advertise_host=host,
                               advertise_port=advertised_port + i if advertised_port else None,
-                              heartbeat_interval=cfg.heartbeat_s, security=hosted[i]))
+                              heartbeat_interval=cfg.heartbeat_s, security=hosted[i], pacer=pacer))
     return nodes[0] if len(nodes) == 1 else EdgeHost(nodes)
+
+
+def edge_pacer(cfg: Config, bench: Workbench, dataset: Dataset) -> Pacer | None:
+    """Under a scenario, what makes this process's edge nodes spend their profiles' time (node.engine.pacing)."""
+    if cfg.scenario is None:
+        return None
+    from fl.cost import measure_gflops, train_flops_per_sample
+    from node.engine.clock import VirtualClock
+    from node.engine.pacing import Pacer
+    from node.engine.scenario import load_scenario
+    scenario = load_scenario(cfg.scenario)
+    last = cfg.partition_index + cfg.hosted_edges - 1
+    if last >= scenario.edge_nodes:
+        raise ConfigError(f"edge share {last} has no profile: the scenario {cfg.scenario} describes edge nodes "
+                          f"0..{scenario.edge_nodes - 1}")
+    if scenario.needs_host_rate and scenario.host_gflops is None:
+        with bench.lock:
+            rate = measure_gflops(bench.model, dataset.input_shape, dataset.num_classes, cfg.batch_size)
+        log.warning("the scenario's devices are relative to this machine and it pins no [compute] host_gflops: "
+                    "measured %.2f GFLOP/s here; pin it so every node and the simulator time alike", rate)
+        scenario = scenario.with_host_gflops(round(rate, 2))
+    flops = train_flops_per_sample(bench.model, dataset.input_shape)
+    return Pacer(VirtualClock(scenario, cfg.seed, flops, cfg.local_epochs, cfg.fraction), cfg.shape_links)
 
 
 def write_ready(cfg: Config, node: SuperNode | EdgeNode | EdgeHost) -> None:

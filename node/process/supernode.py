@@ -23,6 +23,7 @@ from node.engine.election import ConsensusState, proposer_of, turn_after
 from node.engine.errors import BadRequestError, NetError, NotFoundError, PreconditionError, UnavailableError
 from node.engine.jobs import Progress, TrainingJobs, TrainJob, healthy_ledger
 from node.engine.membership import Member, Membership, SuperNodeRegistry, check_node_id
+from node.engine.pacing import Pacer
 from node.engine.supernode import SuperNodeCore
 from node.engine.types import Base, MembershipResult, Peer
 from node.engine.views import BlockView, EdgeEval, EvalReport, MemberView, NodeStatus
@@ -67,6 +68,8 @@ class SuperNode:
         self.ctx = RunContext(cfg)
         self.registry = SuperNodeRegistry(heartbeat_interval, missed_beats) if entry is None else None
         self.round_s = cfg.round_timeout_s or self._derived_round_s()
+        if self.ctx.scenario is not None and cfg.round_timeout_s is None:   # profiled rounds take simulated time
+            self.round_s = max(self.round_s, 2 * (self.ctx.scenario.deadline_s or 1800.0))
         self.deadlines: Deadlines = deadlines_for(self.round_s)
         self.registry_client = RegistryClient(entry, security=self.security) if entry is not None else None
         self._known: dict[str, MemberView] = {}   # the super nodes last listed by the entry (followers' peers)
@@ -91,7 +94,10 @@ class SuperNode:
         self._make_genesis = genesis and entry is None
         registry = self.registry if self.registry is not None else LocalRegistryServicer(
             self.core, self.edges, self._me, lambda: list(self._known.values()), entry or "")
-        add_supernode_services(self.server, self.core, self.edges, self, registry, authorize=self._authorizer())
+        clock = self.ctx.clock()   # a scenario's: this node spends its backbone's time for real
+        pacer = Pacer(clock, cfg.shape_links) if clock is not None else None
+        add_supernode_services(self.server, self.core, self.edges, self, registry, authorize=self._authorizer(),
+                               pacer=pacer)
         if entry_security is not None:
             add_enrollment_service(self.server, entry_security.enroller, authorize=entry_security.authorizer)
         self._stop = threading.Event()

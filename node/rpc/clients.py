@@ -434,17 +434,18 @@ class RoundLine:
 
     def __init__(self, round: int, height: int, block_hash: str, participants: int, failures: int,
                  metrics: dict[str, float], timings: dict[str, float], message: str, error: bool = False,
-                 excluded: Sequence[tuple[str, str]] = ()):
+                 excluded: Sequence[tuple[str, str]] = (), dropped: Sequence[tuple[str, str]] = ()):
         self.round, self.height, self.block_hash = round, height, block_hash
         self.error = error   # a note saying training stopped on an error
         self.participants, self.failures = participants, failures
         self.metrics, self.timings, self.message = metrics, timings, message
         self.excluded = list(excluded)   # (edge id, why): updates refused or left out by the aggregation rule
+        self.dropped = list(dropped)     # (edge id, why): selected under a scenario but not trained
 
     @classmethod
     def from_msg(cls, msg: TrainProgressMsg) -> RoundLine:
         return cls(msg.round, msg.height, msg.block_hash, msg.participants, msg.failures, dict(msg.metrics),
-                   dict(msg.timings), msg.message, msg.error, serde.excluded_from_msg(msg))
+                   dict(msg.timings), msg.message, msg.error, serde.excluded_from_msg(msg), serde.dropped_from_msg(msg))
 
     @classmethod
     def of(cls, progress: Progress) -> RoundLine:
@@ -462,6 +463,9 @@ class RoundLine:
         return (f"round {self.round}  {acc}{self.participants} edge nodes  {self.failures} failed  "
                 f"block {self.height} {self.block_hash[:12]}" +
                 (f"  {self.timings['round_s']:.2f} s" if "round_s" in self.timings else "") +
+                (f"  sim {self.timings['sim_round_s']:.1f} s (clock {self.timings['sim_time_s']:.1f} s)"
+                 if "sim_round_s" in self.timings and "sim_time_s" in self.timings else "") +
+                (f"  {len(self.dropped)} dropped" if self.dropped else "") +
                 (f"  ({self.message})" if self.message else "") +
                 (f"  {self.excluded_text()}" if self.excluded else ""))
 

@@ -513,7 +513,14 @@ def progress_to_msg(progress: Progress) -> TrainProgressMsg:
                             metrics=metrics_to_msg(progress.metrics), timings=metrics_to_msg(progress.timings),
                             message="; ".join(f"{n[:12]}: {why}" for n, why in progress.failures[:3]),
                             excluded=[FailureMsg(node_id=n, reason=clip(why, MAX_REASON_CHARS))
-                                      for n, why in progress.excluded[:MAX_EXCLUDED]])
+                                      for n, why in progress.excluded[:MAX_EXCLUDED]],
+                            dropped=[FailureMsg(node_id=n, reason=clip(why, MAX_REASON_CHARS))
+                                     for n, why in progress.dropped[:MAX_EXCLUDED]])
+
+
+def dropped_from_msg(msg: TrainProgressMsg) -> list[tuple[str, str]]:
+    """(edge id, why) of the selected edge nodes a scenario's round did not train, bounded as written."""
+    return [(clip(f.node_id, NODE_ID_HEX_LEN), clip(f.reason, MAX_REASON_CHARS)) for f in msg.dropped[:MAX_EXCLUDED]]
 
 
 def excluded_from_msg(msg: TrainProgressMsg) -> list[tuple[str, str]]:

@@ -3,13 +3,15 @@ errors become status codes through ``transport.guarded``. No servicer holds stat
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
-from chain.tensors import encode_weights
+from chain.tensors import encode_weights, encoded_size
 from node.engine.edge import EdgeCore
 from node.engine.errors import BadRequestError, NoCapacityError, UnauthenticatedError, UnavailableError
 from node.engine.membership import Membership, SuperNodeRegistry
+from node.engine.pacing import Pacer
 from node.engine.supernode import SuperNodeCore
 from node.engine.views import AdminBackend, MemberView
 from node.rpc import serde, transport
@@ -115,9 +117,10 @@ class LocalRegistryServicer(fledger_pb2_grpc.RegistryServicer):
 class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
     """A super node's edge membership, rounds, co-signing, commits and chain, over its SuperNodeCore."""
 
-    def __init__(self, core: SuperNodeCore, edges: Membership):
+    def __init__(self, core: SuperNodeCore, edges: Membership, pacer: Pacer | None = None):
         self.core = core
         self.edges = edges
+        self.pacer = pacer   # a scenario's backbone time, spent for real (node.engine.pacing)
 
     @transport.guarded
     def RegisterEdge(self, request: NodeInfoMsg, context: Context) -> RegisterReplyMsg:
@@ -138,20 +141,38 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
 
     @transport.guarded_stream
     def AnnounceRound(self, request: Any, context: Context) -> Iterator[Any]:
+        since = time.monotonic()
         claim(context, request.proposer_id)
-        yield from serde.partial_parts(self.core.train(serde.announcement_from_msg(request)))
+        announcement = serde.announcement_from_msg(request)
+        pacer, me = self.pacer, self.core.node_id
+        if pacer is not None:
+            pacer.announcement(me, pacer.clock.seed, announcement.round, since)
+        partial = self.core.train(announcement)
+        if pacer is not None and partial.samples > 0:
+            nbytes = sum(encoded_size(u.weights) for u in partial.updates) if partial.updates \
+                else encoded_size(partial.weights or {})
+            pacer.partial(me, pacer.clock.seed, announcement.round, nbytes)
+        yield from serde.partial_parts(partial)
 
     @transport.guarded
     def ProposeBlock(self, request_iterator: Iterator[Any], context: Context) -> Any:
         head = self.core.head()   # a proposed block's model is the size of the head's, give or take its header
         limit = len(self.core.base().blob) + TRANSFER_SLACK_BYTES if head is not None else MAX_MODEL_BYTES
+        since = time.monotonic()
         data, view, sender = serde.read_proposal(iter(request_iterator), limit)
         claim(context, sender)
-        return serde.cosig_to_msg(self.core.cosign(data, view, sender))
+        cosignature = self.core.cosign(data, view, sender)
+        if self.pacer is not None:
+            self.pacer.proposal(self.core.node_id, self.pacer.clock.seed, data.block.header.round,
+                                len(data.weights_blob), since)
+        return serde.cosig_to_msg(cosignature)
 
     @transport.guarded
     def CommitBlock(self, request: Any, context: Context) -> CommitReplyMsg:
+        since = time.monotonic()
         self.core.commit(request.height, request.hash, [serde.cosig_from_msg(c) for c in request.cosignatures])
+        if self.pacer is not None:
+            self.pacer.commit(since)
         return CommitReplyMsg()
 
     @transport.guarded
@@ -265,9 +286,10 @@ class EnrollmentServicer(fledger_pb2_grpc.EnrollmentServicer):
 class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
     """An edge node's training and evaluation over its EdgeCore."""
 
-    def __init__(self, core: EdgeCore, info: MemberView):
+    def __init__(self, core: EdgeCore, info: MemberView, pacer: Pacer | None = None):
         self.core = core
         self.info = info
+        self.pacer = pacer   # a scenario's link and device time, spent for real (node.engine.pacing)
 
     @property
     def max_bytes(self) -> int:
@@ -277,6 +299,7 @@ class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
     @transport.guarded_stream
     def Fit(self, request_iterator: Iterator[Any], context: Context) -> Iterator[FitReplyMsg]:
         first = next(request_iterator, None)
+        since = time.monotonic()
         if first is None or first.WhichOneof("part") != "ins":
             raise BadRequestError("a Fit stream must start with the FitIns message")
         ins = serde.fit_ins_from_msg(first.ins)
@@ -285,7 +308,14 @@ class EdgeServicer(fledger_pb2_grpc.EdgeNodeServicer):
         cancel = threading.Event()
         if not context.add_callback(cancel.set):   # the call has already ended
             cancel.set()
+        pacer, share = self.pacer, self.core.share
+        if pacer is not None and share is not None:
+            pacer.edge_download(share, ins.round, encoded_size(weights), since, cancel)
+            since = time.monotonic()
         res, record, update_hash, train_s = self.core.fit(weights, ins, base_hash, cancel)
+        if pacer is not None and share is not None:
+            pacer.edge_compute(share, self.core.samples, ins.epochs, since, cancel)
+            pacer.edge_upload(share, ins.round, encoded_size(res.weights), cancel)
         yield FitReplyMsg(summary=FitSummaryMsg(samples=res.samples, metrics=serde.metrics_to_msg(res.metrics),
                                                 record=serde.record_to_msg(record), train_s=train_s))
         for chunk in transport.blob_chunks(encode_weights(res.weights), update_hash):
@@ -309,11 +339,11 @@ def _weights_only(requests: Iterator[Any]) -> Iterator[WeightsChunkMsg]:
 
 def add_supernode_services(server: Any, core: SuperNodeCore, edges: Membership, admin: AdminBackend,
                            registry: SuperNodeRegistry | LocalRegistryServicer | None = None,
-                           authorize: transport.Authorize | None = None) -> None:
+                           authorize: transport.Authorize | None = None, pacer: Pacer | None = None) -> None:
     """Serve a super node: SuperNode and Admin, and Registry: the entry's registry, or a non-entry super node's
     ``LocalRegistryServicer`` (requests parsed, peers limited and ``authorize`` called per call by
     ``transport.add_service``)."""
-    transport.add_service(server, "fledger.v1.SuperNode", SuperNodeServicer(core, edges), authorize=authorize)
+    transport.add_service(server, "fledger.v1.SuperNode", SuperNodeServicer(core, edges, pacer), authorize=authorize)
     transport.add_service(server, "fledger.v1.Admin", AdminServicer(admin), authorize=authorize)
     if registry is not None:
         servicer = registry if isinstance(registry, LocalRegistryServicer) else RegistryServicer(registry,
@@ -322,9 +352,9 @@ def add_supernode_services(server: Any, core: SuperNodeCore, edges: Membership, 
 
 
 def add_edge_service(server: Any, core: EdgeCore, info: MemberView,
-                     authorize: transport.Authorize | None = None) -> None:
+                     authorize: transport.Authorize | None = None, pacer: Pacer | None = None) -> None:
     """Serve an edge node's EdgeNode service (see ``add_supernode_services``)."""
-    transport.add_service(server, "fledger.v1.EdgeNode", EdgeServicer(core, info), authorize=authorize)
+    transport.add_service(server, "fledger.v1.EdgeNode", EdgeServicer(core, info, pacer), authorize=authorize)
 
 
 def add_enrollment_service(server: Any, enroller: Enroller, authorize: Any = None) -> None:

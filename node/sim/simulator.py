@@ -18,13 +18,15 @@ from tqdm import tqdm
 from chain.tensors import decode_weights, encode_weights
 from config import Config, ConfigError
 from fl.aggregate import Weights, weighted_average
+from fl.server import RoundFailed
+from node.engine.clock import EmptyRound
 from node.engine.coordinator import Coordinator
 from node.engine.edge import EdgeCore, LocalEdges
 from node.engine.supernode import SuperNodeCore
 from node.engine.types import Peer, RoundReport
 from node.ledger import CHECKPOINT_FILE, Ledger, default_db_url
-from node.run import RunContext, configure_torch, edge_cores, model_name
-from node.sim.plot import svg_chart
+from node.run import HOST_GFLOPS, RunContext, configure_torch, edge_cores, model_name
+from node.sim.plot import svg_chart, svg_timeline
 from storage.engine import sibling_url
 from storage.store import LedgerStore
 from storage.writer import WriterFailed
@@ -108,6 +110,10 @@ def prepare(cfg: Config, fresh: bool = False, super_nodes: int = 1,
     coordinator = Coordinator(ctx, supernodes[0], lambda: supernodes[1:], LocalEdges(edges), wait_durable=False,
                               concurrent=False, client_state=client_state)
     sim = Simulation(cfg, ctx, supernodes, edges, coordinator)
+    if sim.ledger.head is not None and ctx.scenario is not None and ctx.scenario.host_gflops is None:
+        recorded = sim.ledger.get_block(0)[0].header.params.get(HOST_GFLOPS)
+        if isinstance(recorded, str):   # the machine rate this chain's relative devices were timed against
+            ctx.pin_host_gflops(float(recorded))
     if sim.ledger.head is not None:
         try:
             _check_resumable(sim)
@@ -168,19 +174,25 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
             first = _restore_clients(sim)
             emit(f"resuming after block {ledger.head.height} (round {first - 1})")
         rows: list[dict[str, Any]] = []
+        timeline: list[dict[str, Any]] = []
         ids = [t.node_id for t in sim.edges]
         for rnd in range(first, cfg.rounds + 1):
             if progress:
                 bar = tqdm(total=len(ctx.strategy.select(rnd, ids)), desc=f"round {rnd}", leave=False,
                            disable=None)
-            report = sim.coordinator.run_round(rnd)
+            report = _run_round(sim, rnd, timeline, emit)
             if bar is not None:
                 bar.close()
                 bar = None
             seconds = report.timings["round_s"]
-            rows.append({"round": rnd, "seconds": round(seconds, 3), "clients": report.participants,
-                         "failures": len(report.failures), "excluded": len(report.excluded),
-                         "combine_s": round(report.timings.get("combine_s", 0.0), 4), **report.metrics})
+            row = {"round": rnd, "seconds": round(seconds, 3), "clients": report.participants,
+                   "failures": len(report.failures), "excluded": len(report.excluded),
+                   "combine_s": round(report.timings.get("combine_s", 0.0), 4), **report.metrics}
+            if report.sim is not None:
+                row.update(sim_round_s=round(report.sim.round_s, 3), sim_time_s=round(report.sim.end_s, 3),
+                           dropped=len(report.dropped), available=report.sim.available)
+                timeline.append(report.sim.row())
+            rows.append(row)
             emit(_round_line(report, cfg.rounds))
         for sn in sim.supernodes:
             sn.ledger.flush()
@@ -200,13 +212,41 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
                   "attackers": [t.participant.participant_id for t in sim.edges if t.attack is not None]}
         if super_nodes > 1:
             result["heads"] = [sn.ledger.head.hash if sn.ledger.head else None for sn in sim.supernodes]
+        if ctx.scenario is not None:
+            clock = ctx.clock()
+            assert clock is not None
+            result.update(scenario=ctx.scenario.source, sim_time_s=round(clock.now_s, 3),
+                          sim_round_seconds=[row.get("sim_round_s") for row in rows],
+                          dropped=sum(row.get("dropped", 0) for row in rows))
+            if ctx.scenario.needs_host_rate:
+                result["host_gflops"] = ctx.scenario.host_gflops
         if rows and ctx.strategy.name == "fedper":
             result["final_personal_accuracy_mean"] = rows[-1].get("personal_accuracy_mean")
         if out_dir:
-            write_outputs(Path(out_dir), rows, result)
+            write_outputs(Path(out_dir), rows, result, timeline if ctx.scenario is not None else None)
         return result
     finally:
         sim.close()
+
+
+MAX_EMPTY_TRIES = 100   # rounds in a row with nobody to train before the simulation gives up
+
+
+def _run_round(sim: Simulation, rnd: int, timeline: list[dict[str, Any]],
+               emit: Callable[[str], None]) -> RoundReport:
+    """One round; under a scenario, a round with nobody to train (everyone offline, late or not online) moves the
+    virtual clock on and is tried again, up to MAX_EMPTY_TRIES times in a row."""
+    for _ in range(MAX_EMPTY_TRIES):
+        try:
+            return sim.coordinator.run_round(rnd)
+        except EmptyRound as exc:
+            clock = sim.ctx.clock()
+            assert clock is not None
+            timeline.append({"round": rnd, "start_s": None, "round_s": None, "empty": True,
+                             "end_s": round(clock.now_s, 3), "reason": str(exc)})
+            emit(f"round {rnd}: nobody could train ({exc}); the simulated clock moves on to {clock.now_s:.1f} s")
+    raise RoundFailed(rnd, [("scenario", f"no edge node could train in {MAX_EMPTY_TRIES} tries; raise [round] "
+                                         "deadline_s, or choose faster devices, links or longer availability")])
 
 
 def _round_line(report: RoundReport, total: int) -> str:
@@ -223,13 +263,26 @@ def _round_line(report: RoundReport, total: int) -> str:
         names = ("  " + "; ".join(f"{edge[:12]} ({why[:60]})" for edge, why in report.excluded)
                  if len(report.excluded) <= 3 else "")
         parts.append(f"{len(report.excluded)} excluded{names}")
+    if report.dropped:
+        parts.append(f"{len(report.dropped)} dropped")
+    if report.sim is not None:
+        parts.append(f"sim {report.sim.round_s:.1f} s (clock {format_clock(report.sim.end_s)})")
     block = report.block
     parts.append(f"{report.timings['round_s']:.2f} s  block {block.header.height} {block.hash[:12]}")
     return "  ".join(parts)
 
 
-def write_outputs(out: Path, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
-    """metrics.csv, metrics.json and plot.svg (accuracy and loss per round) in ``out``."""
+def format_clock(seconds: float) -> str:
+    """Simulated time as h:mm:ss."""
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], result: dict[str, Any],
+                  timeline: list[dict[str, Any]] | None = None) -> None:
+    """metrics.csv, metrics.json and plot.svg (accuracy and loss per round, and against simulated time under a
+    scenario) in ``out``; under a scenario also timeline.json and timeline.svg (who trained, who was dropped and
+    why, round by round)."""
     out.mkdir(parents=True, exist_ok=True)
     columns = sorted({k for row in rows for k in row}, key=lambda k: (k != "round", k))
     with open(out / "metrics.csv", "w", newline="") as handle:
@@ -238,3 +291,6 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], result: dict[str, Any])
         writer.writerows(rows)
     (out / "metrics.json").write_text(json.dumps({"summary": result, "rounds": rows}, indent=2) + "\n")
     (out / "plot.svg").write_text(svg_chart(rows))
+    if timeline is not None:
+        (out / "timeline.json").write_text(json.dumps(timeline, indent=1) + "\n")
+        (out / "timeline.svg").write_text(svg_timeline([t for t in timeline if not t.get("empty")]))
