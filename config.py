@@ -86,6 +86,7 @@ class Config:
     # --- edge network conditions (see README, "Scenarios") ----------------------------------------------
     scenario: str | None = None         # a scenario TOML file: devices, links, availability, deadline
     shape_links: bool = True            # network: spend each link profile's time for real (off: the kernel shapes)
+    host_gflops: float | None = None    # pins this machine's training rate for a scenario's relative devices
     share_size: int | None = None       # simulate: images per client, shares drawn with overlap (1,000 x 40 of 4,000)
     # --- security (see README, "Secure mode") -------------------------------------------------------
     secure: bool = False                # mutual TLS and admission by join token (default off loopback)
@@ -226,6 +227,7 @@ def validate(cfg: Config) -> Config:
         ("max_update_norm", cfg.max_update_norm is None or cfg.max_update_norm > 0, "greater than 0"),
         ("attackers", 0 <= cfg.attackers <= 1, "in [0, 1]"),
         ("share_size", cfg.share_size is None or cfg.share_size >= 1, "at least 1"),
+        ("host_gflops", cfg.host_gflops is None or cfg.host_gflops > 0, "greater than 0"),
     ]
     for key, ok, expected in checks:
         if not ok:

@@ -168,6 +168,8 @@ class RunContext:
         self._bench = workbench
         # A scenario's conditions and the virtual clock that plans its rounds (node.engine.clock); None without one.
         self.scenario: Scenario | None = load_scenario(cfg.scenario) if cfg.scenario else None
+        if self.scenario is not None and cfg.host_gflops is not None:
+            self.scenario = self.scenario.with_host_gflops(cfg.host_gflops)
         self._clock: VirtualClock | None = None
 
     @property

@@ -144,6 +144,9 @@ def _add_fl_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", metavar="FILE",
                    help="scenario TOML: devices, links, availability, deadline and over-commitment of the edge "
                         "network (README, Scenarios); flags override its [network] sizes")
+    p.add_argument("--host-gflops", dest="host_gflops", type=float, metavar="G",
+                   help="this machine's training rate (GFLOP/s) for the scenario's devices given relative to it "
+                        "({ speed = S }); measured when not given, and printed")
 
 
 def _add_attack_flag(p: argparse.ArgumentParser, who: str) -> None:
@@ -160,7 +163,8 @@ def _add_attackers_flag(p: argparse.ArgumentParser) -> None:
 FL_KEYS = ("data_root", "db", "dataset", "data_dir", "download", "model", "algo", "clients", "rounds", "fraction",
            "partition", "alpha", "shards_per_client", "local_test_fraction", "local_epochs", "batch_size", "lr",
            "momentum", "seed",
-           "threads", "device", "reproducible", "aggregate", "max_update_norm", "record_updates", "scenario")
+           "threads", "device", "reproducible", "aggregate", "max_update_norm", "record_updates", "scenario",
+           "host_gflops")
 # simulate and cluster: also an attack, the share running it, and overlapping shares
 RUN_KEYS = FL_KEYS + ("attack", "attackers", "share_size")
 
@@ -231,8 +235,8 @@ def with_scenario_sizes(cfg, clients: int | None, supernodes: int | None, defaul
         scenario = load_scenario(cfg.scenario)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
-    if clients is None:
-        cfg = replace(cfg, clients=scenario.edge_nodes)
+    cfg = replace(cfg, clients=scenario.edge_nodes if clients is None else clients,
+                  scenario=str(Path(cfg.scenario).resolve()))
     if cfg.clients > scenario.edge_nodes:
         raise UsageError(f"{cfg.clients} edge nodes, but the scenario {cfg.scenario} describes {scenario.edge_nodes}; "
                          "raise [network] edge_nodes there or pass fewer")
@@ -245,7 +249,7 @@ def _pct(value) -> str:
 
 NODE_KEYS = FL_KEYS + ("ip", "port", "advertise", "entry", "node_type", "is_entry", "partition_index",
                        "partition_count", "hosted_edges", "heartbeat_s", "dead_after_s", "max_edges_per_sn",
-                       "round_timeout_s", "retry_for_s",
+                       "round_timeout_s", "retry_for_s", "shape_links",
                        "secure", "insecure", "join", "join_port", "join_address", "attack")
 
 
@@ -285,6 +289,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join-port", dest="join_port", type=int, help="entry: port serving joins (default: port + 1)")
     p.add_argument("--join-address", dest="join_address",
                    help="HOST:PORT of the entry's join port (default: the --entry port + 1)")
+    p.add_argument("--no-link-shaping", dest="shape_links", action="store_false", default=None,
+                   help="under --scenario, pace compute only and leave the links to the kernel (tc tbf)")
     _add_attack_flag(p, "an edge node given --attack runs it on every edge node it hosts")
 
 
@@ -299,8 +305,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 def _cluster_parser(sub) -> None:
     p = sub.add_parser("cluster", help="start SNs and ENs as local processes, train, verify, shut down")
     _add_fl_flags(p)
-    p.add_argument("--sn", type=int, default=2, help="number of super nodes (default 2)")
-    p.add_argument("--en", type=int, default=4, help="number of edge nodes (default 4)")
+    p.add_argument("--sn", type=int, help="number of super nodes (default 2, or the scenario's)")
+    p.add_argument("--en", type=int, help="number of edge nodes (default 4, or the scenario's)")
     p.add_argument("--en-per-process", type=int, default=1,
                    help="host this many edge nodes in each EN process (default 1: one process each)")
     p.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
@@ -313,10 +319,20 @@ def _cluster_parser(sub) -> None:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     from node.cli.cluster import ClusterError, run_cluster
+    cfg = config_from(args, RUN_KEYS)
+    cfg, args.sn = with_scenario_sizes(cfg, args.en, args.sn, 2)
+    if args.en is None:
+        args.en = cfg.clients if cfg.scenario is not None else 4
     if args.sn < 1 or args.en < 1 or args.en_per_process < 1:
         raise UsageError("a cluster needs at least one super node (--sn) and one edge node (--en), "
                          "and --en-per-process of at least 1")
-    cfg = config_from(args, RUN_KEYS)
+    if cfg.scenario is not None and cfg.host_gflops is None:
+        from node.run import RunContext
+        ctx = RunContext(cfg)
+        if ctx.scenario is not None and ctx.scenario.needs_host_rate:   # every node times against one rate
+            from dataclasses import replace
+            cfg = replace(cfg, host_gflops=ctx.host_gflops())
+            print(f"this machine trains the model at {cfg.host_gflops:.2f} GFLOP/s (pin it with --host-gflops)")
     try:
         result = run_cluster(cfg, args.sn, args.en, args.rounds or cfg.rounds,
                              edges_per_process=args.en_per_process, secure=not args.insecure)

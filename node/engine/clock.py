@@ -27,22 +27,27 @@ class EmptyRound(RoundFailed):
     has moved on by the time the round waited; the same round can be tried again later in simulated time."""
 
 
-def announce_s(backbone: LinkProfile, seed: int, round: int, sn_id: str) -> float:
-    return backbone.transfer_s(ANNOUNCE_BYTES, up=False, draw=jitter_draw(seed, round, sn_id, "announce"))
+MEAN_DRAW = math.sqrt(2 / math.pi)   # the mean of |z|: super nodes' links take their mean jitter, so the timeline
+                                    # does not depend on their keys (which differ between runs and machines)
 
 
-def partial_s(backbone: LinkProfile, seed: int, round: int, sn_id: str, nbytes: int) -> float:
-    return backbone.transfer_s(nbytes, up=True, draw=jitter_draw(seed, round, sn_id, "partial"))
+def announce_s(backbone: LinkProfile) -> float:
+    return backbone.transfer_s(ANNOUNCE_BYTES, up=False, draw=MEAN_DRAW)
 
 
-def block_s(backbone: LinkProfile, seed: int, round: int, sn_id: str, nbytes: int) -> float:
+def partial_s(backbone: LinkProfile, nbytes: int) -> float:
+    return backbone.transfer_s(nbytes, up=True, draw=MEAN_DRAW)
+
+
+def block_s(backbone: LinkProfile, nbytes: int) -> float:
     """A proposed block with its model to a validator, and its co-signature back."""
-    return backbone.transfer_s(nbytes, up=False, draw=jitter_draw(seed, round, sn_id, "block")) \
-        + backbone.transfer_s(COSIGN_BYTES, up=True, draw=jitter_draw(seed, round, sn_id, "cosign"))
+    return backbone.transfer_s(nbytes, up=False, draw=MEAN_DRAW) + backbone.transfer_s(COSIGN_BYTES, up=True,
+                                                                                      draw=MEAN_DRAW)
 
 
 def commit_s(backbone: LinkProfile) -> float:
-    return backbone.transfer_s(COSIGN_BYTES, up=False) + backbone.transfer_s(COSIGN_BYTES, up=True)
+    return backbone.transfer_s(COSIGN_BYTES, up=False, draw=MEAN_DRAW) + backbone.transfer_s(COSIGN_BYTES, up=True,
+                                                                                            draw=MEAN_DRAW)
 
 
 def edge_key(index: int) -> str:
@@ -101,7 +106,7 @@ class VirtualClock:
         else:
             chosen = list(online)
         backbone, deadline = scenario.backbone, scenario.deadline_s
-        arrival = {sn: 0.0 if sn == proposer else announce_s(backbone, self.seed, round, sn)
+        arrival = {sn: 0.0 if sn == proposer else announce_s(backbone)
                    for sn in sorted({holder.get(e.node_id, proposer) for e in chosen})}
         timings: list[EdgeTiming] = []
         for e in chosen:
@@ -131,11 +136,11 @@ class VirtualClock:
         for sn, (last, count) in ready.items():
             nbytes = model_bytes * (count if forwards else 1)
             partials = max(partials, last + (0.0 if sn == proposer else
-                                             partial_s(backbone, self.seed, round, sn, nbytes)))
+                                             partial_s(backbone, nbytes)))
         cosign = commit = 0.0
         if validators and kept:
             needed = (len(validators) + 1) // 2   # others for a strict majority of all, the proposer counting itself
-            answers = sorted(block_s(backbone, self.seed, round, v, model_bytes) for v in validators)
+            answers = [block_s(backbone, model_bytes)] * len(validators)
             cosign = answers[needed - 1] if needed > 0 else 0.0
             commit = commit_s(backbone)
         if not kept:   # nobody makes it: the round waits out its deadline (or the slowest) and has no block
@@ -143,8 +148,11 @@ class VirtualClock:
         return RoundPlan(round, start, partials + cosign + commit, [t.edge for t in kept], timings, len(online),
                          deadline, {"partials_s": partials, "cosign_s": cosign, "commit_s": commit})
 
-    def advance(self, plan: RoundPlan) -> None:
-        self.now_s = plan.end_s
+    def advance(self, plan: RoundPlan, seconds: float | None = None) -> None:
+        """Move the clock to the round's end (or ``seconds`` after its start), in whole milliseconds as blocks
+        record it, so a resumed run continues exactly where an uninterrupted one would be."""
+        end = plan.end_s if seconds is None else plan.start_s + seconds
+        self.now_s = round(end * 1000) / 1000
 
 
 def idle_s(scenario: Scenario) -> float:

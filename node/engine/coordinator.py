@@ -240,7 +240,7 @@ class Coordinator:
             if not selected:
                 clock = self.ctx.clock()
                 assert clock is not None
-                clock.now_s = plan.start_s + max(plan.round_s, idle_s(self.ctx.scenario))
+                clock.advance(plan, max(plan.round_s, idle_s(self.ctx.scenario)))
                 raise EmptyRound(round, plan.dropped or [("network", f"none of the {len(edges)} edge nodes is online "
                                                                       f"at simulated time {plan.start_s:.1f} s")])
         announcement = Announcement(round, base.height, base.model_hash, self.local.node_id,

@@ -61,17 +61,17 @@ class Pacer:
 
     # ---- a super node that is not the proposer -----------------------------------------------------------------
 
-    def announcement(self, sn_id: str, seed: int, round: int, since: float) -> None:
+    def announcement(self, since: float) -> None:
         if self.shape_links:
-            hold_until(since + announce_s(self.clock.scenario.backbone, seed, round, sn_id))
+            hold_until(since + announce_s(self.clock.scenario.backbone))
 
-    def partial(self, sn_id: str, seed: int, round: int, nbytes: int) -> None:
+    def partial(self, nbytes: int) -> None:
         if self.shape_links:
-            hold_until(time.monotonic() + partial_s(self.clock.scenario.backbone, seed, round, sn_id, nbytes))
+            hold_until(time.monotonic() + partial_s(self.clock.scenario.backbone, nbytes))
 
-    def proposal(self, sn_id: str, seed: int, round: int, nbytes: int, since: float) -> None:
+    def proposal(self, nbytes: int, since: float) -> None:
         if self.shape_links:
-            hold_until(since + block_s(self.clock.scenario.backbone, seed, round, sn_id, nbytes))
+            hold_until(since + block_s(self.clock.scenario.backbone, nbytes))
 
     def commit(self, since: float) -> None:
         if self.shape_links:

@@ -112,6 +112,8 @@ def edge_pacer(cfg: Config, bench: Workbench, dataset: Dataset) -> Pacer | None:
     from node.engine.pacing import Pacer
     from node.engine.scenario import load_scenario
     scenario = load_scenario(cfg.scenario)
+    if cfg.host_gflops is not None:
+        scenario = scenario.with_host_gflops(cfg.host_gflops)
     last = cfg.partition_index + cfg.hosted_edges - 1
     if last >= scenario.edge_nodes:
         raise ConfigError(f"edge share {last} has no profile: the scenario {cfg.scenario} describes edge nodes "

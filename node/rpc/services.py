@@ -144,14 +144,14 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
         since = time.monotonic()
         claim(context, request.proposer_id)
         announcement = serde.announcement_from_msg(request)
-        pacer, me = self.pacer, self.core.node_id
+        pacer = self.pacer
         if pacer is not None:
-            pacer.announcement(me, pacer.clock.seed, announcement.round, since)
+            pacer.announcement(since)
         partial = self.core.train(announcement)
         if pacer is not None and partial.samples > 0:
             nbytes = sum(encoded_size(u.weights) for u in partial.updates) if partial.updates \
                 else encoded_size(partial.weights or {})
-            pacer.partial(me, pacer.clock.seed, announcement.round, nbytes)
+            pacer.partial(nbytes)
         yield from serde.partial_parts(partial)
 
     @transport.guarded
@@ -163,8 +163,7 @@ class SuperNodeServicer(fledger_pb2_grpc.SuperNodeServicer):
         claim(context, sender)
         cosignature = self.core.cosign(data, view, sender)
         if self.pacer is not None:
-            self.pacer.proposal(self.core.node_id, self.pacer.clock.seed, data.block.header.round,
-                                len(data.weights_blob), since)
+            self.pacer.proposal(len(data.weights_blob), since)
         return serde.cosig_to_msg(cosignature)
 
     @transport.guarded
