@@ -7,7 +7,7 @@ Used by tests/test_netns_bandwidth.py and bench/bench_tbf.py. Run as a script (i
 driver, or one end of a raw TCP transfer:
 
     python tests/netns.py drive HOST:PORT ROUNDS     # wait for 1 SN + 1 EN, train, print one JSON line per round
-    python tests/netns.py recv HOST PORT             # accept one connection, print {"bytes", "seconds"}
+    python tests/netns.py recv HOST PORT             # accept one connection, read it to its end, print JSON
     python tests/netns.py send HOST PORT NBYTES
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -144,6 +143,18 @@ link = {{ rtt_ms = {rtt_ms:g}, up_mbps = {rate_mbit:g}, down_mbps = {rate_mbit:g
     return path
 
 
+def model_facts(gflops: float = DEVICE_GFLOPS) -> tuple[int, float]:
+    """(bytes of the MNIST CNN's encoded weights, the seconds edge share 0 trains on a ``gflops`` device: what the
+    edge node pads its training to), computed here, not read from the nodes."""
+    from chain.tensors import encode_weights
+    from fl.cost import train_flops_per_sample
+    from fl.models import build_model
+    model = build_model("cnn")
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    samples = 4000 // SHARES   # iid share 0 of the offline MNIST sample's 4,000 training images
+    return len(encode_weights(weights)), samples * train_flops_per_sample(model, (1, 28, 28)) / (gflops * 1e9)
+
+
 def start_in(link: ShapedLink, side: int, name: str, data_root: Path, args: Sequence[str]) -> NodeProcess:
     """``python main.py node ARGS`` inside namespace ``side`` (as node.cli.cluster.start_node, which runs on the
     host); `ip netns exec` execs the node in its own place, so the pid is the node's."""
@@ -265,7 +276,6 @@ def _send(host: str, port: int, nbytes: int) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     command, *rest = argv
     if command == "drive":
         return _drive(rest[0], int(rest[1]))

@@ -20,6 +20,7 @@ from fl.participant import EvalRes, FitIns, FitRes
 from node.engine.edge import EdgeCore
 from node.ledger import Ledger
 from node.process.edge import EdgeNode
+from node.process.launch import edge_pacer
 from node.process.supernode import SuperNode
 from node.rpc.clients import AdminClient, RoundLine
 from node.run import configure_torch, edge_cores
@@ -75,11 +76,12 @@ class Network:
             assert wait_until(lambda n=i + 1: len(self.entry.ledger.validators) == n, timeout=30.0), \
                 f"sn{i} was not admitted as a validator"
         keys = [NodeKey.from_seed(f"edge{i}".encode()) for i in range(edges)]
-        cores, _, _ = edge_cores(self.cfg, keys, 0, edges)
+        cores, bench, dataset = edge_cores(self.cfg, keys, 0, edges)
+        pacer = edge_pacer(self.cfg, bench, dataset)   # under a scenario: each edge node spends its profile's time
         for core in cores:
             flaky = Flaky(core.participant)
             en = EdgeNode(EdgeCore(flaky, core.key, share=core.share, attack=core.attack),  # type: ignore[arg-type]
-                          "127.0.0.1:0", self.entry.address, heartbeat_interval=BEAT)
+                          "127.0.0.1:0", self.entry.address, heartbeat_interval=BEAT, pacer=pacer)
             en.start()
             self.flaky.append(flaky)
             self.ens.append(en)
