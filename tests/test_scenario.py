@@ -236,3 +236,10 @@ def test_block_params_hold_integer_milliseconds_and_the_dropped(tmp_path):
     assert isinstance(params["round_ms"], int) and isinstance(params["clock_ms"], int)
     assert params["clock_ms"] == 12250 + params["round_ms"]
     assert [edge for edge, _ in params["dropped"]] == ["edge-001"]
+
+
+def test_the_example_scenario_in_the_repository_loads():
+    scenario = load_scenario(Path(__file__).resolve().parent.parent / "examples" / "edge.toml")
+
+    assert scenario.edge_nodes == 20 and scenario.edges[0].attack == "sign-flip:scale=5"
+    assert scenario.edges[19].availability.kind == "markov"
