@@ -20,8 +20,9 @@ from storage.store import LedgerStore
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = Config(model="2nn", clients=6, rounds=2, batch_size=64, lr=0.05, seed=3, threads=1, reproducible=True)
 
-# Six edge nodes (the 2NN, 0.8 MB); edge 5 on a satellite link misses the 3 s deadline every round; edges 0-3 on a phone and Wi-Fi,
-# edge 4 a Raspberry Pi 3 on 4G; over-commitment 1.5 of K = 4 (fraction 2/3) keeps the first four to finish.
+# Six edge nodes (the 2NN, 0.8 MB): edges 0-3 phones on Wi-Fi, edge 4 a Raspberry Pi 3 on 4G, and edge 5 on a
+# satellite link, which misses the 3 s deadline every round; over-commitment 1.5 of K = 4 (fraction 2/3) keeps the
+# first four to finish.
 SCENARIO = """
 [network]
 super_nodes = 2
