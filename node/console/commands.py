@@ -17,7 +17,7 @@ from chain.updates import AGGREGATE, EXCLUDED, UPDATES_ROOT, excluded_of
 from node.console.parse import ConsoleError
 from node.engine.errors import BadRequestError, NetError
 from node.engine.receipts import ACC_SCALE, LOSS_SCALE
-from node.engine.types import ChainHead
+from node.engine.types import SIM, ChainHead
 from node.engine.views import MemberView
 from node.rpc.clients import AdminClient, RoundLine
 
@@ -159,6 +159,8 @@ def cmd_train(con: Session, rounds: int = 0) -> bool:
             extra = f"  {_metrics_text(metrics)}" if metrics else ""
             note = f"  {line.message}" if line.message else ""
             seconds = f"{line.timings['round_s']:6.1f}s  " if "round_s" in line.timings else ""
+            if "sim_round_s" in line.timings and "sim_time_s" in line.timings:
+                seconds += f"sim {line.timings['sim_round_s']:.1f}s (clock {line.timings['sim_time_s']:.1f}s)  "
             con.say(f"round {line.round:>4}  accuracy {acc}  loss {loss}  {seconds}"
                     f"block {line.height} {line.block_hash[:12]}  participants {line.participants}"
                     f"  failures {line.failures}{extra}{note}")
@@ -166,6 +168,10 @@ def cmd_train(con: Session, rounds: int = 0) -> bool:
                 con.say(f"           excluded: {edge[:12]} ({why})")
             if len(line.excluded) > EXCLUDED_SHOWN:
                 con.say(f"           excluded: and {len(line.excluded) - EXCLUDED_SHOWN} more")
+            for edge, why in line.dropped[:EXCLUDED_SHOWN]:
+                con.say(f"           dropped: {edge[:12]} ({why})")
+            if len(line.dropped) > EXCLUDED_SHOWN:
+                con.say(f"           dropped: and {len(line.dropped) - EXCLUDED_SHOWN} more")
     except KeyboardInterrupt:
         lines.close()
         con.say("stopped waiting; training continues on the node (pause() stops it)")
@@ -280,7 +286,7 @@ def cmd_get_block(con: Session, height: int) -> bool:
     h = block.header
     when = datetime.fromtimestamp(h.timestamp_ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
     # the aggregation rule, the exclusions and the updates root get lines of their own below
-    algo_params = {k: v for k, v in h.params.items() if k not in (AGGREGATE, EXCLUDED, UPDATES_ROOT)}
+    algo_params = {k: v for k, v in h.params.items() if k not in (AGGREGATE, EXCLUDED, UPDATES_ROOT, SIM)}
     for label, value in [("height", h.height), ("hash", block.hash), ("prev hash", h.prev_hash),
                          ("round", h.round), ("time", when), ("algorithm", f"{h.algorithm} {algo_params}"),
                          ("aggregation", h.params.get(AGGREGATE, "fedavg")),
@@ -297,6 +303,13 @@ def cmd_get_block(con: Session, height: int) -> bool:
                 f"{_metrics_text(r.metrics)}")
     for trainer, why in excluded_of(h.params):
         con.say(f"  excluded: trainer {trainer}  {why}")
+    sim = h.params.get(SIM)
+    if isinstance(sim, dict):   # a scenario's round: its simulated time and who was dropped (node.engine.clock)
+        round_ms, clock_ms = sim.get("round_ms", 0), sim.get("clock_ms", 0)
+        con.say(f"simulated    round {round_ms / 1000:.3f} s, clock {clock_ms / 1000:.3f} s")
+        for entry in sim.get("dropped", []) if isinstance(sim.get("dropped"), list) else []:
+            if isinstance(entry, list) and len(entry) == 2:
+                con.say(f"  dropped: edge {entry[0]}  {entry[1]}")
     return True
 
 

@@ -178,7 +178,9 @@ def simulate(cfg: Config, *, fresh: bool = False, out_dir: str | None = None, pr
         ids = [t.node_id for t in sim.edges]
         for rnd in range(first, cfg.rounds + 1):
             if progress:
-                bar = tqdm(total=len(ctx.strategy.select(rnd, ids)), desc=f"round {rnd}", leave=False,
+                # Under a scenario the plan decides who trains; the bar then counts without a total.
+                total = len(ctx.strategy.select(rnd, ids)) if ctx.scenario is None else None
+                bar = tqdm(total=total, desc=f"round {rnd}", leave=False,
                            disable=None)
             report = _run_round(sim, rnd, timeline, emit)
             if bar is not None:
