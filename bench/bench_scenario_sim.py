@@ -17,8 +17,12 @@ The split comes from timers around every local training (``InProcessParticipant.
 else (start-up, planning, selection, signing, aggregation, hashing, the ledgers' writes, co-signing), also broken
 down by the coordinator's own per-round timings. Peak memory is this process's maximum resident set (ru_maxrss).
 
-    python bench/bench_scenario_sim.py --setting scale [--rounds 20] [--profile]
+    python bench/bench_scenario_sim.py --setting scale [--rounds 20] [--repeat 3] [--profile]
     python bench/bench_scenario_sim.py --setting fbp [--rounds 100]
+
+``--repeat N`` runs the setting N times, each in a process of its own, interleaved with the same setting without
+the scenario (``plain``: the same clients, selection and rule, no virtual clock), and prints the medians and the
+ratios scenario / plain: what planning rounds on the clock costs.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import cProfile
 import json
 import pstats
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,7 +87,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="default: 20 (scale), 100 (fbp)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions outside training")
     parser.add_argument("--out", help="keep the run's folder here (default: a temporary one)")
+    parser.add_argument("--repeat", type=int, default=0, help="N runs with and without the scenario, interleaved")
+    parser.add_argument("--plain", action="store_true", help="the same setting without the scenario")
     args = parser.parse_args()
+    if args.repeat:
+        return compare(args)
 
     from config import Config
     from fl.local import InProcessParticipant
@@ -118,6 +128,9 @@ def main() -> int:
         cfg = Config(clients=50, model="cnn", rounds=rounds, seed=0, reproducible=True, scenario=str(scenario),
                      attack="sign-flip:scale=5", attackers=0.3, aggregate="median", data_root=str(work / "root"))
         super_nodes = 5
+    if args.plain:
+        from dataclasses import replace
+        cfg = replace(cfg, scenario=None)
     profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()
     if profiler is not None:
@@ -136,10 +149,11 @@ def main() -> int:
           f"evaluation {spent['evaluate']:.1f} s ({spent['evaluate'] / wall:.1%}) + everything else "
           f"{other:.1f} s ({other / wall:.1%})")
     print(f"peak memory (max RSS) {peak_mib:.0f} MiB")
-    print(f"simulated time {result['sim_time_s']:.0f} s ({result['sim_time_s'] / 3600:.2f} h); "
-          f"{result['dropped']} edge node rounds dropped; final accuracy {result['final_accuracy']:.2%}")
+    sim_time = result.get("sim_time_s", 0.0)
+    print(f"simulated time {sim_time:.0f} s ({sim_time / 3600:.2f} h); "
+          f"{result.get('dropped', 0)} edge node rounds dropped; final accuracy {result['final_accuracy']:.2%}")
     reached = next((r for r in rows if r.get("accuracy", 0.0) >= 0.9), None)
-    if reached is not None:
+    if reached is not None and "sim_time_s" in reached:
         print(f"90% accuracy first at round {reached['round']}, simulated time {reached['sim_time_s']:.0f} s "
               f"({reached['sim_time_s'] / 60:.1f} min)")
     else:
@@ -150,9 +164,41 @@ def main() -> int:
     print(json.dumps({"setting": args.setting, "wall_s": round(wall, 2), "train_s": round(spent["train"], 2),
                       "evaluate_s": round(spent["evaluate"], 2), "other_s": round(other, 2),
                       "other_share": round(other / wall, 4), "peak_rss_mib": round(peak_mib),
-                      "sim_time_s": result["sim_time_s"], "rounds": len(rows),
+                      "sim_time_s": sim_time, "rounds": len(rows),
                       "final_accuracy": result["final_accuracy"],
-                      "sim_time_to_90_s": reached["sim_time_s"] if reached else None}))
+                      "sim_time_to_90_s": reached.get("sim_time_s") if reached else None,
+                      "round_to_90": reached["round"] if reached else None}))
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Interleaved runs of the setting with and without the scenario, each in its own process; medians, ratios."""
+    runs: dict[str, list[dict[str, Any]]] = {"scenario": [], "plain": []}
+    rounds = ["--rounds", str(args.rounds)] if args.rounds else []
+    for i in range(args.repeat):
+        for variant in ("scenario", "plain"):
+            cmd = [sys.executable, __file__, "--setting", args.setting, *rounds] + (["--plain"] if variant == "plain"
+                                                                                  else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[variant].append(out)
+            print(f"run {i + 1} {variant:8s} wall {out['wall_s']:7.1f} s  training {out['train_s']:7.1f} s  "
+                  f"evaluation {out['evaluate_s']:5.1f} s  else {out['other_s']:6.1f} s ({out['other_share']:.1%})  "
+                  f"peak {out['peak_rss_mib']} MiB", flush=True)
+    print(f"\nmedians over {args.repeat} runs (command: python bench/bench_scenario_sim.py --setting {args.setting} "
+          f"{' '.join(rounds)} --repeat {args.repeat}):")
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "train_s", "evaluate_s", "other_s",
+                                                               "other_share", "peak_rss_mib")}
+           for v, rs in runs.items()}
+    for variant, m in med.items():
+        print(f"  {variant:8s} wall {m['wall_s']:7.1f} s  training {m['train_s']:7.1f} s  evaluation "
+              f"{m['evaluate_s']:5.1f} s  everything else {m['other_s']:6.1f} s ({m['other_share']:.1%})  "
+              f"peak {m['peak_rss_mib']:.0f} MiB")
+    print(f"  ratio scenario / plain: wall {med['scenario']['wall_s'] / med['plain']['wall_s']:.3f}, everything else "
+          f"{med['scenario']['other_s'] / med['plain']['other_s']:.3f}, peak memory "
+          f"{med['scenario']['peak_rss_mib'] / med['plain']['peak_rss_mib']:.3f}")
     return 0
 
 

@@ -103,7 +103,7 @@ def test_a_transfer_takes_latency_jitter_payload_and_retransmissions():
     down = link.transfer_s(nbytes, up=False, draw=-1.5)
 
     segments = math.ceil(nbytes / 1460)
-    assert down == pytest.approx(0.05 + 0.015 + 8e6 / (16e6 * 0.99) + segments * 0.01 * 0.1)
+    assert down == pytest.approx(0.05 + 0.015 + 8 * (nbytes + 40 * segments) / (16e6 * 0.99) + segments * 0.01 * 0.1)
     assert link.transfer_s(nbytes, up=True) > down   # the slower uplink, even without jitter
 
 
@@ -139,7 +139,8 @@ def test_an_edge_phase_times_follow_its_device_and_link(tmp_path):
     t = plan.timings[0]
     assert (t.status, t.reason) == ("trained", None)
     assert t.compute_s == pytest.approx(100 * FLOPS / 7.3e9)
-    assert (t.down_s, t.up_s) == (pytest.approx(MODEL * 8 / 80e6), pytest.approx(MODEL * 8 / 8e6))
+    wire = MODEL + 40 * math.ceil(MODEL / 1460)   # the payload and its IP and TCP headers
+    assert (t.down_s, t.up_s) == (pytest.approx(wire * 8 / 80e6), pytest.approx(wire * 8 / 8e6))
     assert plan.round_s == pytest.approx(t.down_s + t.compute_s + t.up_s)
 
 

@@ -4,9 +4,10 @@ one formula the simulator's virtual clock and the network's shaping both use, so
 Time model (every number deterministic under the run's seed; no reading of this machine's clock):
 - compute: ``samples x epochs x cost`` where cost is the model's training FLOPs per sample (counted, not timed;
   ``fl.cost``) over the device's effective GFLOP/s, or the device's own ``sample_ms`` when a trace gives one.
-- transfer of B bytes over a link: ``rtt/2 + jitter + 8B / (rate x (1 - loss)) + ceil(B/MSS) x loss x rtt``: one-way
-  latency, a half-normal jitter draw, the payload at the link's rate less the bytes lost and sent again, and one
-  round trip of stall per lost segment (fast retransmit). Downloads use ``down_mbps``, uploads ``up_mbps``.
+- transfer of B bytes in S = ceil(B/1460) segments: ``rtt/2 + jitter + 8(B + 40S) / (rate x (1 - loss)) +
+  S x loss x rtt``: one-way latency, a half-normal jitter draw, the payload with its IP and TCP headers at the
+  link's rate less what is lost and sent again, and one round trip of stall per lost segment (fast retransmit).
+  Downloads use ``down_mbps``, uploads ``up_mbps``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any
 
 from config import ConfigError
 
-MSS_BYTES = 1460   # a TCP segment's payload on Ethernet-sized paths
+MSS_BYTES = 1460      # a TCP segment's payload on Ethernet-sized paths
+HEADER_BYTES = 40     # its IP and TCP headers, which the link's rate carries too
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ class LinkProfile:
         rate = (self.up_mbps if up else self.down_mbps) * 1e6 * (1.0 - self.loss)
         rtt = self.rtt_ms / 1000.0
         segments = math.ceil(nbytes / MSS_BYTES)
-        return rtt / 2 + abs(draw) * self.jitter_ms / 1000.0 + 8.0 * nbytes / rate + segments * self.loss * rtt
+        wire = nbytes + segments * HEADER_BYTES
+        return rtt / 2 + abs(draw) * self.jitter_ms / 1000.0 + 8.0 * wire / rate + segments * self.loss * rtt
 
 
 # Presets. Effective GFLOP/s is the sustained rate of small-batch FP32 training in PyTorch on the CPU, which

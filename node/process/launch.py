@@ -124,6 +124,10 @@ def edge_pacer(cfg: Config, bench: Workbench, dataset: Dataset) -> Pacer | None:
         log.warning("the scenario's devices are relative to this machine and it pins no [compute] host_gflops: "
                     "measured %.2f GFLOP/s here; pin it so every node and the simulator time alike", rate)
         scenario = scenario.with_host_gflops(round(rate, 2))
+    else:   # a first training pays one-off costs (allocations, kernel choice) that no device profile has
+        with bench.lock:
+            measure_gflops(bench.model, dataset.input_shape, dataset.num_classes, cfg.batch_size, batches=2,
+                           repeats=1)
     flops = train_flops_per_sample(bench.model, dataset.input_shape)
     return Pacer(VirtualClock(scenario, cfg.seed, flops, cfg.local_epochs, cfg.fraction), cfg.shape_links)
 
