@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultnet import ROUND_TIMEOUT, FaultNet
-from privatedb import PrivateMariaDB, private_mariadb  # noqa: F401
 
+from faultnet import ROUND_TIMEOUT, FaultNet
 from node.rpc import transport
+from privatedb import PrivateMariaDB, private_mariadb  # noqa: F401
 
 OUTAGE_S = 30.0   # the database outages of the issue: 30 s
 

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from privatedb import PrivateMariaDB, private_mariadb  # noqa: F401
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -22,6 +21,7 @@ from chain.keys import NodeKey
 from chain.verify import Head, VerifiedBlock
 from conftest import build_chain, fresh_database, global_weights, raw_connection, wait_until
 from node.ledger import KEY_FILE, Ledger
+from privatedb import PrivateMariaDB, private_mariadb  # noqa: F401
 from storage.store import LedgerStore
 
 SHAPE = (8, 4)
