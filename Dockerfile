@@ -14,6 +14,7 @@ COPY fl ./fl
 COPY node ./node
 COPY proto ./proto
 COPY storage ./storage
+COPY examples ./examples
 RUN pip install . && useradd --create-home fledger && mkdir /data && chown fledger /data
 USER fledger
 

@@ -44,6 +44,7 @@ from node.run import RunContext
 
 log = logging.getLogger(__name__)
 
+CLOCK_LOOKBACK = 256   # blocks searched back for the newest simulated time (membership blocks between rounds)
 MAX_EXCLUDED = 1000   # the most excluded updates a block lists (a round has at most MAX_PARTICIPANTS on the wire)
 
 
@@ -112,8 +113,14 @@ class Coordinator:
         clock = self.ctx.clock()
         assert clock is not None
         head = self.ledger.head
-        if head is not None and clock.height != head.height:   # a block this node did not plan: read its clock
-            clock.resume(self.ledger.get_block(head.height)[0].header.params)
+        if head is not None and clock.height != head.height:
+            # A block this node did not plan (a resumed chain, another proposer's): the clock of the newest round
+            # block (membership blocks carry none).
+            for height in range(head.height, max(-1, head.height - CLOCK_LOOKBACK), -1):
+                params = self.ledger.get_block(height)[0].header.params
+                if SIM in params:
+                    clock.resume(params)
+                    break
             clock.height = head.height
         ordered = sorted(edges, key=share_order)
         if not ordered:
