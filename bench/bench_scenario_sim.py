@@ -161,6 +161,8 @@ def main() -> int:
     if profiler is not None:
         print("\ncProfile, cumulative, top 25 (training and evaluation included; read 'everything else' off it):")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+        print("\ncProfile, own time, top 40:")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
     print(json.dumps({"setting": args.setting, "wall_s": round(wall, 2), "train_s": round(spent["train"], 2),
                       "evaluate_s": round(spent["evaluate"], 2), "other_s": round(other, 2),
                       "other_share": round(other / wall, 4), "peak_rss_mib": round(peak_mib),
