@@ -112,6 +112,18 @@ def main() -> int:
     InProcessParticipant.fit = timed("train", InProcessParticipant.fit)                 # type: ignore[method-assign]
     InProcessParticipant.evaluate = timed("evaluate", InProcessParticipant.evaluate)     # type: ignore[method-assign]
     RunContext.evaluate_global = timed("evaluate", RunContext.evaluate_global)           # type: ignore[method-assign]
+    from node.engine.coordinator import Coordinator
+    from node.engine.edge import EdgeCore
+    EdgeCore.fit = timed("edge_fit", EdgeCore.fit)   # training + hashing and signing the update (the edge's work)
+    rounds_timings: list[dict[str, float]] = []
+    run_round = Coordinator.run_round
+
+    def recorded(self: Any, rnd: int) -> Any:
+        report = run_round(self, rnd)
+        rounds_timings.append(report.timings)
+        return report
+
+    Coordinator.run_round = recorded                                                     # type: ignore[method-assign]
 
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"fledger-bench-{args.setting}-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -135,19 +147,34 @@ def main() -> int:
     started = time.perf_counter()
     if profiler is not None:
         profiler.enable()
+    first_round: list[float] = []
+
+    def emit(line: str) -> None:
+        if line.startswith("genesis") and not first_round:
+            first_round.append(time.perf_counter())
+        print(line, flush=True)
+
     result = simulate(cfg, fresh=True, out_dir=str(work / "out"), progress=False, super_nodes=super_nodes,
-                      emit=lambda line: print(line, flush=True))
+                      emit=emit)
     if profiler is not None:
         profiler.disable()
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = json.loads((work / "out" / "metrics.json").read_text())["rounds"]
     other = wall - spent["train"] - spent["evaluate"]
+    startup = (first_round[0] if first_round else started) - started
     print(f"\nsetting {args.setting}: {cfg.clients} edge nodes, {super_nodes} super nodes, {len(rows)} rounds; "
           f"command: python bench/bench_scenario_sim.py --setting {args.setting} --rounds {rounds}")
     print(f"wall {wall:.1f} s = local training {spent['train']:.1f} s ({spent['train'] / wall:.1%}) + "
           f"evaluation {spent['evaluate']:.1f} s ({spent['evaluate'] / wall:.1%}) + everything else "
           f"{other:.1f} s ({other / wall:.1%})")
+    edge_other = spent["edge_fit"] - spent["train"]
+    print(f"  of everything else: the edge nodes hashing and signing their updates {edge_other:.1f} s "
+          f"({edge_other / wall:.1%}); start-up until the first round {startup:.1f} s ({startup / wall:.1%}); "
+          f"the rest {other - edge_other - startup:.1f} s ({(other - edge_other - startup) / wall:.1%})")
+    keys = ("select_s", "partials_s", "combine_s", "evaluate_s", "block_s", "cosign_s", "store_s", "commit_s")
+    print("  per round, median s: " + "  ".join(
+        f"{k[:-2]} {statistics.median(t.get(k, 0.0) for t in rounds_timings):.3f}" for k in keys))
     print(f"peak memory (max RSS) {peak_mib:.0f} MiB")
     sim_time = result.get("sim_time_s", 0.0)
     print(f"simulated time {sim_time:.0f} s ({sim_time / 3600:.2f} h); "
@@ -166,6 +193,7 @@ def main() -> int:
     print(json.dumps({"setting": args.setting, "wall_s": round(wall, 2), "train_s": round(spent["train"], 2),
                       "evaluate_s": round(spent["evaluate"], 2), "other_s": round(other, 2),
                       "other_share": round(other / wall, 4), "peak_rss_mib": round(peak_mib),
+                      "edge_sign_s": round(spent["edge_fit"] - spent["train"], 2), "startup_s": round(startup, 2),
                       "sim_time_s": sim_time, "rounds": len(rows),
                       "final_accuracy": result["final_accuracy"],
                       "sim_time_to_90_s": reached.get("sim_time_s") if reached else None,
