@@ -67,20 +67,21 @@ class LinkProfile:
         return rtt / 2 + abs(draw) * self.jitter_ms / 1000.0 + 8.0 * wire / rate + segments * self.loss * rtt
 
 
-# Presets. Effective GFLOP/s is the sustained rate of small-batch FP32 training in PyTorch on the CPU, which
-# reaches a small share of a chip's peak; we take peak FP32 from the vendor's specification times the share this
-# project's MNIST CNN reaches on a 2-core AMD EPYC VM (measured: BENCHMARKS.md "Device presets"), about 10%.
+# Presets. Effective GFLOP/s is the sustained rate of small-batch FP32 training in PyTorch, a share of the chip's
+# peak: order-of-magnitude estimates, 5-10% of peak on Arm CPUs, 30% of AVX2 peak on an x86 laptop (one core of this
+# project's 2-core AMD EPYC test machine reaches about 45% for the MNIST CNN: BENCHMARKS.md "Device presets"). Pin
+# measured numbers with { gflops = G } or a device trace.
 DEVICES: dict[str, DeviceProfile] = {
-    # Raspberry Pi 4 B: 4x Cortex-A72 at 1.5 GHz, 2x128-bit NEON FMA: 48 GFLOP/s peak (raspberrypi.com product brief)
+    # Raspberry Pi 4 B: 4x Cortex-A72 at 1.5 GHz, two 128-bit NEON FMA pipes: 96 GFLOP/s peak; 5%
     "rpi4": DeviceProfile("rpi4", gflops=4.8),
-    # Raspberry Pi 3 B+: 4x Cortex-A53 at 1.4 GHz, one 64-bit NEON FMA pipe: about 22 GFLOP/s peak
+    # Raspberry Pi 3 B+: 4x Cortex-A53 at 1.4 GHz, 4 FLOP/cycle: 22 GFLOP/s peak; 8%
     "rpi3": DeviceProfile("rpi3", gflops=1.8),
-    # Jetson Nano: 128-core Maxwell GPU, 236 GFLOP/s FP32 peak (NVIDIA data sheet); small batches keep it mostly idle
+    # Jetson Nano: 128-core Maxwell GPU, 236 GFLOP/s FP32 peak (NVIDIA data sheet); small batches keep it mostly idle: 5%
     "jetson-nano": DeviceProfile("jetson-nano", gflops=12.0),
-    # A mid-range phone: 2 big + 6 little Arm cores (Snapdragon 7-series class), about 100 GFLOP/s peak FP32 on the CPU
+    # A mid-range phone: 2 big + 6 little Arm cores (Snapdragon 7-series class), about 100 GFLOP/s peak; 8%
     "phone": DeviceProfile("phone", gflops=8.0),
-    # A 4-core x86 laptop with AVX2 FMA at about 3 GHz: 384 GFLOP/s peak
-    "laptop": DeviceProfile("laptop", gflops=30.0),
+    # A 4-core x86 laptop with AVX2 FMA at about 3 GHz: 384 GFLOP/s peak; 30%
+    "laptop": DeviceProfile("laptop", gflops=115.0),
 }
 
 LINKS: dict[str, LinkProfile] = {
