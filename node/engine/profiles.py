@@ -76,7 +76,7 @@ DEVICES: dict[str, DeviceProfile] = {
     "rpi4": DeviceProfile("rpi4", gflops=4.8),
     # Raspberry Pi 3 B+: 4x Cortex-A53 at 1.4 GHz, 4 FLOP/cycle: 22 GFLOP/s peak; 8%
     "rpi3": DeviceProfile("rpi3", gflops=1.8),
-    # Jetson Nano: 128-core Maxwell GPU, 236 GFLOP/s FP32 peak (NVIDIA data sheet); small batches keep it mostly idle: 5%
+    # Jetson Nano: 128-core Maxwell GPU, 236 GFLOP/s FP32 peak (NVIDIA data sheet); small batches keep it idle: 5%
     "jetson-nano": DeviceProfile("jetson-nano", gflops=12.0),
     # A mid-range phone: 2 big + 6 little Arm cores (Snapdragon 7-series class), about 100 GFLOP/s peak; 8%
     "phone": DeviceProfile("phone", gflops=8.0),
