@@ -15,15 +15,13 @@ import numpy as np
 import pytest
 
 from node.cli.traces import cmd_traces, register
+from node.engine.fedscale import MAX_PICKLE_BYTES, import_fedscale, restricted_load
 from node.engine.traces import (
-    MAX_PICKLE_BYTES,
     AvailabilityTrace,
     DeviceRow,
     TraceError,
-    import_fedscale,
     load_availability,
     load_devices,
-    restricted_load,
     write_availability_json,
     write_devices_csv,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from node.engine.traces import import_fedscale
+from node.engine.fedscale import import_fedscale
 
 
 def _positive_int(text: str) -> int:
