@@ -101,14 +101,15 @@ DEVICE_KEYS = {"speed", "gflops", "sample_ms"}
 LINK_KEYS = {"rtt_ms", "up_mbps", "down_mbps", "jitter_ms", "loss"}
 
 
-def _number(where: str, key: str, value: Any, low: float, strict: bool = True, high: float | None = None) -> float:
+def number(where: str, key: str, value: Any, low: float, strict: bool = True, high: float | None = None) -> float:
+    """A setting's number, checked against its bounds (``strict``: above ``low``); ConfigError naming it."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
     number = float(value)
     if not math.isfinite(number) or (number <= low if strict else number < low) or (high is not None
                                                                                      and number >= high):
         bound = f"{'>' if strict else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
-        raise ConfigError(f"{where}: {key} must be {bound}, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be a number {bound}, got {value!r}")
     return number
 
 
@@ -123,12 +124,12 @@ def parse_device(value: Any, where: str) -> DeviceProfile:
         raise ConfigError(f"{where}: a device is a preset name or a table with one of {', '.join(sorted(DEVICE_KEYS))}"
                           f", got {value!r}")
     (key, raw), = value.items()
-    number = _number(where, key, raw, 0.0)
+    rate = number(where, key, raw, 0.0)
     if key == "speed":
-        return DeviceProfile(f"speed={number:g}", relative=number)
+        return DeviceProfile(f"speed={rate:g}", relative=rate)
     if key == "gflops":
-        return DeviceProfile(f"gflops={number:g}", gflops=number)
-    return DeviceProfile(f"sample_ms={number:g}", sample_ms=number)
+        return DeviceProfile(f"gflops={rate:g}", gflops=rate)
+    return DeviceProfile(f"sample_ms={rate:g}", sample_ms=rate)
 
 
 def parse_link(value: Any, where: str) -> LinkProfile:
@@ -145,11 +146,11 @@ def parse_link(value: Any, where: str) -> LinkProfile:
     if unknown or missing:
         raise ConfigError(f"{where}: link table " + (f"has unknown key {unknown[0]!r}" if unknown else
                                                      f"needs {', '.join(missing)}"))
-    rtt = _number(where, "rtt_ms", value["rtt_ms"], 0.0, strict=False)
-    up = _number(where, "up_mbps", value["up_mbps"], 0.0)
-    down = _number(where, "down_mbps", value["down_mbps"], 0.0)
-    jitter = _number(where, "jitter_ms", value.get("jitter_ms", 0.0), 0.0, strict=False)
-    loss = _number(where, "loss", value.get("loss", 0.0), 0.0, strict=False, high=1.0)
+    rtt = number(where, "rtt_ms", value["rtt_ms"], 0.0, strict=False)
+    up = number(where, "up_mbps", value["up_mbps"], 0.0)
+    down = number(where, "down_mbps", value["down_mbps"], 0.0)
+    jitter = number(where, "jitter_ms", value.get("jitter_ms", 0.0), 0.0, strict=False)
+    loss = number(where, "loss", value.get("loss", 0.0), 0.0, strict=False, high=1.0)
     return LinkProfile(f"rtt={rtt:g}ms,{down:g}/{up:g}Mbps", rtt, up, down, jitter, loss)
 
 

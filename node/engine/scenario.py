@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -15,7 +14,7 @@ from typing import Any
 import tomllib
 
 from config import ConfigError
-from node.engine.profiles import DeviceProfile, LinkProfile, parse_device, parse_link, with_trace
+from node.engine.profiles import DeviceProfile, LinkProfile, number, parse_device, parse_link, with_trace
 
 SECTIONS = {"network", "defaults", "edges", "links", "round", "compute", "traces"}
 EDGE_KEYS = {"device", "link", "availability", "attack"}
@@ -135,11 +134,8 @@ def _availability(value: Any, where: str, base: Path) -> Availability:
     if value == "always":
         return Availability("always")
     if isinstance(value, Mapping) and set(value) == {"mean_on_s", "mean_off_s"}:
-        on, off = value["mean_on_s"], value["mean_off_s"]
-        for key, number in (("mean_on_s", on), ("mean_off_s", off)):
-            if isinstance(number, bool) or not isinstance(number, int | float) or not 0 < number < math.inf:
-                raise ConfigError(f"{where}: availability {key} must be a number > 0, got {number!r}")
-        return Availability("markov", float(on), float(off))
+        return Availability("markov", number(where, "availability mean_on_s", value["mean_on_s"], 0.0),
+                            number(where, "availability mean_off_s", value["mean_off_s"], 0.0))
     if isinstance(value, Mapping) and set(value) == {"trace"} and isinstance(value["trace"], str):
         path = (base / value["trace"]).resolve()
         if not path.is_file():
@@ -171,17 +167,16 @@ def _edge_fields(table: Mapping[str, Any], where: str, base: Path, current: Edge
     return setup
 
 
-def _positive(section: Mapping[str, Any], key: str, where: str, default: Any, integer: bool = False,
-              minimum: float = 0.0) -> Any:
+def _count(section: Mapping[str, Any], key: str, where: str, default: int) -> int:
     value = section.get(key, default)
-    if value is None:
-        return None
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not minimum <= value < math.inf \
-            or (not integer and value == 0 and minimum == 0.0):
-        raise ConfigError(f"{where}: {key} must be {'an integer' if integer else 'a number'} >= {minimum:g}"
-                          f"{'' if integer else ' (and > 0)'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: {key} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _optional(section: Mapping[str, Any], key: str, where: str) -> float | None:
+    """A number > 0 when given."""
+    return None if key not in section else number(where, key, section[key], 0.0)
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -204,8 +199,8 @@ def scenario_from(data: Mapping[str, Any], path: Path) -> Scenario:
     base = path.parent
     network = _table(data, "network", name)
     _only(network, {"super_nodes", "edge_nodes"}, f"scenario {name} [network]")
-    sns = _positive(network, "super_nodes", f"scenario {name} [network]", 1, integer=True, minimum=1)
-    count = _positive(network, "edge_nodes", f"scenario {name} [network]", 4, integer=True, minimum=1)
+    sns = _count(network, "super_nodes", f"scenario {name} [network]", 1)
+    count = _count(network, "edge_nodes", f"scenario {name} [network]", 4)
     if count > MAX_EDGES:
         raise ConfigError(f"scenario {name} [network]: edge_nodes must be at most {MAX_EDGES}, got {count}")
     defaults = _table(data, "defaults", name)
@@ -228,19 +223,18 @@ def scenario_from(data: Mapping[str, Any], path: Path) -> Scenario:
     backbone = parse_link(links.get("backbone", "lan"), f"scenario {name} [links] backbone")
     rnd = _table(data, "round", name)
     _only(rnd, {"deadline_s", "overcommit"}, f"scenario {name} [round]")
-    deadline = _positive(rnd, "deadline_s", f"scenario {name} [round]", None)
-    overcommit = float(_positive(rnd, "overcommit", f"scenario {name} [round]", 1.0, minimum=1.0))
+    deadline = _optional(rnd, "deadline_s", f"scenario {name} [round]")
+    overcommit = number(f"scenario {name} [round]", "overcommit", rnd.get("overcommit", 1.0), 1.0, strict=False)
     compute = _table(data, "compute", name)
     _only(compute, {"host_gflops"}, f"scenario {name} [compute]")
-    host = _positive(compute, "host_gflops", f"scenario {name} [compute]", None)
+    host = _optional(compute, "host_gflops", f"scenario {name} [compute]")
     traces = _table(data, "traces", name)
     _only(traces, {"devices"}, f"scenario {name} [traces]")
     if "devices" in traces:
         edges = _apply_device_trace(edges, (base / str(traces["devices"])).resolve(), name)
     digest = hashlib.sha256(json.dumps(_canonical(data, base), sort_keys=True, separators=(",", ":"))
                             .encode()).hexdigest()
-    return Scenario(int(sns), int(count), tuple(edges), backbone, None if deadline is None else float(deadline),
-                    overcommit, None if host is None else float(host), digest, name)
+    return Scenario(sns, count, tuple(edges), backbone, deadline, overcommit, host, digest, name)
 
 
 def _canonical(data: Mapping[str, Any], base: Path) -> Any:
