@@ -243,6 +243,9 @@ def validate(cfg: Config) -> Config:
             parse_attack(cfg.attack)
         except ValueError as exc:
             raise ConfigError(f"setting 'attack': {exc}") from None
+    if cfg.share_size is not None and cfg.partition != "iid":
+        raise ConfigError(f"setting 'share_size' draws overlapping IID shares; it does not combine with partition "
+                          f"{cfg.partition!r} (leave --partition at iid)")
     if cfg.attackers > 0 and cfg.attack is None:
         raise ConfigError("setting 'attackers' needs an attack: pass --attack NAME as well")
     return cfg

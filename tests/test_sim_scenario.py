@@ -183,3 +183,28 @@ def test_bad_scenario_input_is_one_line_and_exit_2(tmp_path, extra, message):
 
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_share_size_gives_every_client_its_own_draw_with_overlap():
+    from fl.data import load_dataset
+    from node.run import client_shares
+    dataset = load_dataset("mnist", None, False)
+    cfg = Config(clients=1000, share_size=40, seed=0)
+
+    shares = client_shares(cfg, dataset, 1000)
+
+    assert len(shares) == 1000 and all(len(set(train.tolist())) == 40 for train, _ in shares)
+    covered = set().union(*(set(train.tolist()) for train, _ in shares))
+    assert len(covered) <= len(dataset.train_y) < 1000 * 40   # 40,000 draws from 4,000 images overlap
+    again = client_shares(cfg, dataset, 1000)
+    assert all((a == b).all() for (a, _), (b, _) in zip(shares, again, strict=True))
+
+
+def test_share_size_refuses_a_non_iid_partition_and_too_many_images():
+    from config import ConfigError, load_config
+    from fl.data import load_dataset
+    from node.run import client_shares
+    with pytest.raises(ConfigError, match="does not combine with partition 'dirichlet'"):
+        load_config(env={}, flags={"share_size": 40, "partition": "dirichlet"})
+    with pytest.raises(ConfigError, match="more than the 4000 training images"):
+        client_shares(Config(share_size=4001), load_dataset("mnist", None, False), 2)

@@ -104,32 +104,30 @@ def build_node(cfg: Config) -> SuperNode | EdgeNode | EdgeHost:
 
 
 def edge_pacer(cfg: Config, bench: Workbench, dataset: Dataset) -> Pacer | None:
-    """Under a scenario, what makes this process's edge nodes spend their profiles' time (node.engine.pacing)."""
+    """Under a scenario, what makes this process's edge nodes spend their profiles' time (node.engine.pacing), on
+    the virtual clock the proposer plans with (the run's context, over this process's dataset and model)."""
     if cfg.scenario is None:
         return None
-    from fl.cost import measure_gflops, train_flops_per_sample
-    from node.engine.clock import VirtualClock
+    from fl.cost import measure_gflops
     from node.engine.pacing import Pacer
-    from node.engine.scenario import load_scenario
-    scenario = load_scenario(cfg.scenario)
-    if cfg.host_gflops is not None:
-        scenario = scenario.with_host_gflops(cfg.host_gflops)
+    from node.run import RunContext
+    ctx = RunContext(cfg, dataset=dataset, workbench=bench)
+    assert ctx.scenario is not None
     last = cfg.partition_index + cfg.hosted_edges - 1
-    if last >= scenario.edge_nodes:
+    if last >= ctx.scenario.edge_nodes:
         raise ConfigError(f"edge share {last} has no profile: the scenario {cfg.scenario} describes edge nodes "
-                          f"0..{scenario.edge_nodes - 1}")
-    if scenario.needs_host_rate and scenario.host_gflops is None:
-        with bench.lock:
-            rate = measure_gflops(bench.model, dataset.input_shape, dataset.num_classes, cfg.batch_size)
-        log.warning("the scenario's devices are relative to this machine and it pins no [compute] host_gflops: "
-                    "measured %.2f GFLOP/s here; pin it so every node and the simulator time alike", rate)
-        scenario = scenario.with_host_gflops(round(rate, 2))
+                          f"0..{ctx.scenario.edge_nodes - 1}")
+    if ctx.scenario.needs_host_rate and ctx.scenario.host_gflops is None:
+        log.warning("the scenario's devices are relative to this machine and neither it nor --host-gflops pins its "
+                    "rate: measured %.2f GFLOP/s here; pin it so every node and the simulator time alike",
+                    ctx.host_gflops())
     else:   # a first training pays one-off costs (allocations, kernel choice) that no device profile has
         with bench.lock:
             measure_gflops(bench.model, dataset.input_shape, dataset.num_classes, cfg.batch_size, batches=2,
                            repeats=1)
-    flops = train_flops_per_sample(bench.model, dataset.input_shape)
-    return Pacer(VirtualClock(scenario, cfg.seed, flops, cfg.local_epochs, cfg.fraction), cfg.shape_links)
+    clock = ctx.clock()
+    assert clock is not None
+    return Pacer(clock, cfg.shape_links)
 
 
 def write_ready(cfg: Config, node: SuperNode | EdgeNode | EdgeHost) -> None:
