@@ -220,11 +220,13 @@ def compare(args: argparse.Namespace) -> int:
     print(f"\nmedians over {args.repeat} runs (command: python bench/bench_scenario_sim.py --setting {args.setting} "
           f"{' '.join(rounds)} --repeat {args.repeat}):")
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "train_s", "evaluate_s", "other_s",
-                                                               "other_share", "peak_rss_mib")}
+                                                               "other_share", "peak_rss_mib", "edge_sign_s",
+                                                               "startup_s")}
            for v, rs in runs.items()}
     for variant, m in med.items():
         print(f"  {variant:8s} wall {m['wall_s']:7.1f} s  training {m['train_s']:7.1f} s  evaluation "
-              f"{m['evaluate_s']:5.1f} s  everything else {m['other_s']:6.1f} s ({m['other_share']:.1%})  "
+              f"{m['evaluate_s']:5.1f} s  everything else {m['other_s']:6.1f} s ({m['other_share']:.1%}: edge "
+              f"nodes hashing and signing {m['edge_sign_s']:.1f} s, start-up {m['startup_s']:.1f} s)  "
               f"peak {m['peak_rss_mib']:.0f} MiB")
     print(f"  ratio scenario / plain: wall {med['scenario']['wall_s'] / med['plain']['wall_s']:.3f}, everything else "
           f"{med['scenario']['other_s'] / med['plain']['other_s']:.3f}, peak memory "
