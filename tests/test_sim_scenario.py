@@ -157,14 +157,15 @@ def test_relative_devices_record_the_machine_rate_and_a_resume_reuses_it(tmp_pat
 
 
 def test_a_round_nobody_can_make_moves_the_clock_on_and_gives_up_with_a_message(tmp_path):
-    text = "[network]\nedge_nodes = 6\n[defaults]\ndevice = \"rpi3\"\nlink = \"3g\"\n[round]\ndeadline_s = 2\n"
+    (tmp_path / "s.toml").write_text("[network]\nedge_nodes = 6\n[defaults]\ndevice = \"rpi3\"\nlink = \"3g\"\n"
+                                     "[round]\ndeadline_s = 2\n")
 
     result = subprocess.run([sys.executable, "main.py", "simulate", "--scenario", str(tmp_path / "s.toml"),
                              "--model", "2nn", "--rounds", "1", "--fresh", "--no-progress",
                              "--data-root", str(tmp_path / "root")], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, input=None) if (tmp_path / "s.toml").write_text(text) else None
+                            timeout=300)
 
-    assert result is not None and result.returncode == 1
+    assert result.returncode == 1
     assert "no edge node could train in 100 tries" in result.stderr
     assert result.stdout.count("nobody could train") == 100
 
