@@ -166,7 +166,7 @@ def test_timeline_has_one_lane_label_per_edge_by_index() -> None:
 
     root = ET.fromstring(svg_timeline(timeline))
 
-    assert _lane_labels(root) == ["client-001", "client-002", "client-004"]
+    assert _lane_labels(root) == ["1 client-001", "2 client-002", "4 client-004"]
 
 
 def test_timeline_lanes_are_the_max_rows_edges_selected_most_often() -> None:
@@ -176,7 +176,7 @@ def test_timeline_lanes_are_the_max_rows_edges_selected_most_often() -> None:
 
     root = ET.fromstring(svg_timeline(timeline, max_rows=3))
 
-    assert _lane_labels(root) == ["client-002", "client-003", "client-004"]
+    assert _lane_labels(root) == ["2 client-002", "3 client-003", "4 client-004"]
 
 
 def test_timeline_notes_how_many_edges_were_left_out() -> None:
@@ -275,4 +275,13 @@ def test_timeline_of_100_rounds_and_130_edges_draws_60_lanes() -> None:
     print(f"svg_timeline, 100 rounds x 130 edges: {time.perf_counter() - began:.3f} s, {len(svg) / 1e6:.1f} MB")
 
     root = ET.fromstring(svg)
-    assert _lane_labels(root) == [f"client-{i:03d}" for i in range(60)]    # all selected equally: lowest indexes
+    assert _lane_labels(root) == [f"{i} client-{i:03d}" for i in range(60)]   # all selected equally: lowest indexes
+
+
+def test_timeline_leaves_out_a_deadline_beyond_the_last_round_and_keeps_the_axis_on_the_rounds() -> None:
+    timeline = [_round(1, 0.0, [_edge(1)], deadline=600.0)]   # the round takes 61.2 s; its deadline is 10 min
+
+    svg = svg_timeline(timeline)
+
+    assert _marker_titles(ET.fromstring(svg), "ddl") == []
+    assert "simulated time (s)" in svg   # an axis of about a minute, not ten

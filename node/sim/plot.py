@@ -197,9 +197,10 @@ def svg_timeline(timeline: Sequence[dict[str, Any]], max_rows: int = 60) -> str:
     bottom = TL_TOP + LANE * len(lanes)
     height = bottom + (62 if left_out else 44)
     lo = min(float(r.get("start_s") or 0.0) for r in timeline)
-    hi = max(float(r.get("start_s") or 0.0) + max(float(r.get("round_s") or 0.0), float(r.get("deadline_s") or 0.0),
-                                                 *(float(e.get("finish_s") or 0.0) for e in r.get("edges") or ()
-                                                   if e.get("status") == "trained"))
+    # The axis ends with the rounds: a deadline far beyond them would squash the bars (it is drawn when inside).
+    hi = max(float(r.get("start_s") or 0.0) + max([float(r.get("round_s") or 0.0),
+                                                  *(float(e.get("finish_s") or 0.0) for e in r.get("edges") or ()
+                                                    if e.get("status") == "trained")])
              for r in timeline)
     hi = max(hi, lo + 1e-3)
     span = TL_WIDTH - TL_LEFT - TL_RIGHT
@@ -215,8 +216,8 @@ def svg_timeline(timeline: Sequence[dict[str, Any]], max_rows: int = 60) -> str:
     out += [f'<rect x="{TL_LEFT}" y="{TL_TOP + LANE * i}" width="{span}" height="{LANE}" fill="#f4f4f4"/>'
             for i in range(1, len(lanes), 2)]
     out += [f'<text x="{TL_LEFT - 6}" y="{TL_TOP + LANE * i + 10}" text-anchor="end" class="lane">'
-            f"{escape(name if len(name) <= 20 else name[:19] + '…')}<title>{escape(name)}</title></text>"
-            for i, (_, name) in enumerate(lanes)]
+            f"{index} {escape(name if len(name) <= 10 else name[:9] + '…')}<title>edge {index}: {escape(name)}"
+            "</title></text>" for i, (index, name) in enumerate(lanes)]
     last_label = -math.inf
     for rnd in timeline:
         start = float(rnd.get("start_s") or 0.0)
@@ -227,7 +228,7 @@ def svg_timeline(timeline: Sequence[dict[str, Any]], max_rows: int = 60) -> str:
             out.append(f'<text x="{x:.1f}" y="{TL_TOP - 7}" text-anchor="middle" class="round">'
                        f'{escape(str(rnd.get("round")))}</text>')
             last_label = x
-        if rnd.get("deadline_s") is not None:
+        if rnd.get("deadline_s") is not None and start + float(rnd["deadline_s"]) <= hi:
             xd = x_of(start + float(rnd["deadline_s"]))
             out.append(f'<line x1="{xd:.1f}" y1="{TL_TOP}" x2="{xd:.1f}" y2="{bottom}" class="ddl"><title>round '
                        f'{escape(str(rnd.get("round")))} deadline: {float(rnd["deadline_s"]):.1f} s</title></line>')
