@@ -69,7 +69,7 @@ class LinkProfile:
 
 # Presets. Effective GFLOP/s is the sustained rate of small-batch FP32 training in PyTorch, a share of the chip's
 # peak: order-of-magnitude estimates, 5-10% of peak on Arm CPUs, 30% of AVX2 peak on an x86 laptop (one core of this
-# project's 2-core AMD EPYC test machine reaches about 45% for the MNIST CNN: BENCHMARKS.md "Device presets"). Pin
+# project's 2-core AMD EPYC test machine reaches about half for the MNIST CNN: BENCHMARKS.md "Device presets"). Pin
 # measured numbers with { gflops = G } or a device trace.
 DEVICES: dict[str, DeviceProfile] = {
     # Raspberry Pi 4 B: 4x Cortex-A72 at 1.5 GHz, two 128-bit NEON FMA pipes: 96 GFLOP/s peak; 5%
