@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--out", help="keep the run's folder here (default: a temporary one)")
     parser.add_argument("--repeat", type=int, default=0, help="N runs with and without the scenario, interleaved")
     parser.add_argument("--plain", action="store_true", help="the same setting without the scenario")
+    parser.add_argument("--share-size", type=int, default=40, help="scale: images per edge node (default 40)")
     args = parser.parse_args()
     if args.repeat:
         return compare(args)
@@ -131,7 +132,7 @@ def main() -> int:
     if args.setting == "scale":
         scenario.write_text(SCALE)
         rounds = args.rounds or 20
-        cfg = Config(clients=1000, fraction=0.1, share_size=40, model="cnn", rounds=rounds, seed=0,
+        cfg = Config(clients=1000, fraction=0.1, share_size=args.share_size, model="cnn", rounds=rounds, seed=0,
                      reproducible=True, scenario=str(scenario), data_root=str(work / "root"))
         super_nodes = 2
     else:
@@ -164,7 +165,8 @@ def main() -> int:
     other = wall - spent["train"] - spent["evaluate"]
     startup = (first_round[0] if first_round else started) - started
     print(f"\nsetting {args.setting}: {cfg.clients} edge nodes, {super_nodes} super nodes, {len(rows)} rounds; "
-          f"command: python bench/bench_scenario_sim.py --setting {args.setting} --rounds {rounds}")
+          f"command: python bench/bench_scenario_sim.py --setting {args.setting} --rounds {rounds}"
+          + (f" --share-size {args.share_size}" if args.setting == "scale" else ""))
     print(f"wall {wall:.1f} s = local training {spent['train']:.1f} s ({spent['train'] / wall:.1%}) + "
           f"evaluation {spent['evaluate']:.1f} s ({spent['evaluate'] / wall:.1%}) + everything else "
           f"{other:.1f} s ({other / wall:.1%})")

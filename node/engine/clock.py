@@ -139,9 +139,9 @@ class VirtualClock:
                                              partial_s(backbone, nbytes)))
         cosign = commit = 0.0
         if validators and kept:
-            needed = (len(validators) + 1) // 2   # others for a strict majority of all, the proposer counting itself
-            answers = [block_s(backbone, model_bytes)] * len(validators)
-            cosign = answers[needed - 1] if needed > 0 else 0.0
+            # A strict majority needs at least one other validator's co-signature; every validator sits behind the
+            # same backbone, so the majority's is any one's.
+            cosign = block_s(backbone, model_bytes)
             commit = commit_s(backbone)
         if not kept:   # nobody makes it: the round waits out its deadline (or the slowest) and has no block
             partials = deadline if deadline is not None else max((t.finish_s for t in timings), default=0.0)
