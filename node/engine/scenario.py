@@ -3,6 +3,7 @@ the real network alike: device, link, availability and attack of every edge node
 nodes, and the round's deadline and over-commitment. README "Scenarios" documents every key."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import random
@@ -53,7 +54,10 @@ class Scenario:
     host_gflops: float | None         # this machine's measured training rate, when pinned ([compute])
     digest: str                       # what identifies the scenario in the ledger (sha256 of its settings)
     source: str = ""
-    _windows: dict[int, list[tuple[float, float]]] = field(default_factory=dict, compare=False, repr=False)
+    # Drawn on/off windows by (seed, edge), and loaded availability traces by path: filled as the clock asks.
+    _windows: dict[tuple[int, int], list[tuple[float, float]]] = field(default_factory=dict, compare=False,
+                                                                       repr=False)
+    _traces: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def needs_host_rate(self) -> bool:
@@ -70,24 +74,25 @@ class Scenario:
             return None
         if kind == "trace":
             from node.engine.traces import load_availability
-            trace = _trace_cache(setup.availability.trace or "", load_availability)
+            path = setup.availability.trace or ""
+            if path not in self._traces:
+                self._traces[path] = load_availability(path)
+            trace = self._traces[path]
             if not trace.has(edge):
                 raise ConfigError(f"availability trace {setup.availability.trace} has no rows for edge {edge}")
             return trace.offline_at(edge, t0, t1)
-        windows = self._online_windows(edge, seed, t1)
-        for start, end in windows:   # sorted, disjoint online windows; offline between them
-            if end <= t0:
-                continue
-            if start > t0:
-                return t0
-            return end if end < t1 else None
-        return t0
+        windows = self._online_windows(edge, seed, t1)   # sorted, disjoint online windows; offline between them
+        i = bisect.bisect_right(windows, t0, key=lambda w: w[1])   # the first window ending after t0
+        if i == len(windows) or windows[i][0] > t0:
+            return t0
+        end = windows[i][1]
+        return end if end < t1 else None
 
     def _online_windows(self, edge: int, seed: int, until: float) -> list[tuple[float, float]]:
         """The seeded on/off process of ``edge`` up to ``until``: on for Exp(mean_on), off for Exp(mean_off),
         starting on with probability mean_on / (mean_on + mean_off)."""
         a = self.edges[edge].availability
-        windows = self._windows.setdefault(edge, [])
+        windows = self._windows.setdefault((seed, edge), [])
         rng_key = f"{seed}/avail/{edge}"
         if not windows:
             rng = random.Random(int.from_bytes(hashlib.sha256(rng_key.encode()).digest()[:8], "big"))
@@ -100,15 +105,6 @@ class Scenario:
             start = windows[-1][1] + rng.expovariate(1 / a.mean_off_s)
             windows.append((start, start + rng.expovariate(1 / a.mean_on_s)))
         return windows
-
-
-_TRACES: dict[str, Any] = {}
-
-
-def _trace_cache(path: str, loader: Any) -> Any:
-    if path not in _TRACES:
-        _TRACES[path] = loader(path)
-    return _TRACES[path]
 
 
 def parse_indices(text: Any, count: int, where: str) -> list[int]:
