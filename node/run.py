@@ -168,8 +168,8 @@ class RunContext:
         self._bench = workbench
         # A scenario's conditions and the virtual clock that plans its rounds (node.engine.clock); None without one.
         self.scenario: Scenario | None = load_scenario(cfg.scenario) if cfg.scenario else None
-        if self.scenario is not None and cfg.host_gflops is not None:
-            self.scenario = self.scenario.with_host_gflops(cfg.host_gflops)
+        if cfg.host_gflops is not None:
+            self.pin_host_gflops(cfg.host_gflops)
         self._clock: VirtualClock | None = None
 
     @property
@@ -196,7 +196,7 @@ class RunContext:
         return params
 
     def pin_host_gflops(self, value: float) -> None:
-        """Use this machine rate (a resumed chain's, from its genesis) for devices relative to this machine."""
+        """Use this machine rate (--host-gflops, or a resumed chain's from its genesis) for devices relative to it."""
         if self.scenario is not None:
             self.scenario = self.scenario.with_host_gflops(value)
 

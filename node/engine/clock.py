@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -125,8 +126,8 @@ class VirtualClock:
                                       compute, up, finish))
         finishers = sorted((t for t in timings if t.status == "trained"), key=lambda t: (t.finish_s, t.index))
         late = {t.edge for t in finishers[target:]}
-        timings = [EdgeTiming(t.edge, t.index, t.sn, "dropped", f"not among the first {target} to finish",
-                              t.down_s, t.compute_s, t.up_s, t.finish_s) if t.edge in late else t for t in timings]
+        timings = [replace(t, status="dropped", reason=f"not among the first {target} to finish") if t.edge in late
+                   else t for t in timings]
         kept = [t for t in timings if t.status == "trained"]
         ready: dict[str, tuple[float, int]] = {}
         for t in kept:

@@ -191,7 +191,6 @@ class RoundPlan:
                 "edges": [t.row() for t in self.timings]}
 
 
-
 @dataclass(frozen=True)
 class RoundReport:
     """A finished round: its final block, metrics, how many updates it used, and what failed (data, not errors)."""
